@@ -1,0 +1,131 @@
+"""Pure routing maths for elastic MoE: no Megatron imports, so it can be read and tested alone.
+
+Shapes follow Megatron's router: scores and logits are ``[tokens, experts]``, chosen experts are
+``[tokens, k]`` index tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "budget_draw",
+    "group_limited_scores",
+    "hierarchical_router_loss",
+    "sample_coactivation",
+    "sample_token_budgets",
+    "selection_scores",
+    "topk_indices",
+]
+
+
+def selection_scores(
+    logits: torch.Tensor,
+    score_function: str = "softmax",
+    use_pre_softmax: bool = False,
+    expert_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Scores that rank experts, exactly as Megatron's top-k ranks them: ``[tokens, experts]``.
+
+    Softmax without pre-softmax ranks raw logits; sigmoid and sqrt-softplus rank the activated
+    scores plus the aux-loss-free expert bias. Only the ranking matters here, not the gates.
+    """
+    if score_function == "softmax":
+        return torch.softmax(logits, dim=-1, dtype=torch.float32) if use_pre_softmax else logits
+    if score_function == "sigmoid":
+        scores = torch.sigmoid(logits.float())
+    elif score_function == "sqrtsoftplus":
+        scores = torch.nn.functional.softplus(logits.float()).sqrt()
+    else:
+        raise ValueError(f"unknown score function {score_function!r}")
+    return scores + expert_bias.float() if expert_bias is not None else scores
+
+
+def group_limited_scores(
+    scores: torch.Tensor, num_groups: int, group_topk: int, group_score_topk: int
+) -> torch.Tensor:
+    """Mask ``scores`` ``[tokens, experts]`` to -inf outside each token's ``group_topk`` groups.
+
+    Groups are ranked by the sum of their ``group_score_topk`` best scores, as in DeepSeek-V2/V3
+    device- and node-limited routing (Megatron uses ``topk // group_topk`` for that count).
+    """
+    tokens, experts = scores.shape
+    grouped = scores.view(tokens, num_groups, experts // num_groups)
+    group_scores = grouped.topk(max(group_score_topk, 1), dim=-1).values.sum(dim=-1)
+    chosen = group_scores.topk(group_topk, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen, True)
+    keep = keep.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
+    return scores.masked_fill(~keep, float("-inf"))
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest-scoring experts per token, best first: ``[tokens, k]``."""
+    return scores.topk(k, dim=-1, sorted=True).indices
+
+
+def sample_coactivation(
+    scores: torch.Tensor, k: int, k_ideal: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """EMoE co-activation sampling: per token, a uniform random k-subset of its top-``k_ideal``.
+
+    Returns ``[tokens, k]`` expert indices without repeats, ordered by score (best first). With
+    ``k_ideal == k`` it is plain top-k and draws no random numbers. Random keys come from torch's
+    RNG (``generator`` or the default one), so activation recompute replays the same choice.
+    """
+    if not 1 <= k <= k_ideal <= scores.shape[-1]:
+        raise ValueError(
+            f"need 1 <= k <= k_ideal <= num_experts, got k={k}, k_ideal={k_ideal}, "
+            f"num_experts={scores.shape[-1]}"
+        )
+    pool = topk_indices(scores, k_ideal)  # [tokens, k_ideal], best first
+    if k == k_ideal:
+        return pool
+    keys = torch.rand(pool.shape, generator=generator, device=scores.device)
+    # The k smallest of k_ideal i.i.d. uniform keys pick a uniformly random k-subset of positions.
+    positions = keys.topk(k, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values
+    return pool.gather(1, positions)
+
+
+def hierarchical_router_loss(probs: torch.Tensor) -> torch.Tensor:
+    """EMoE's hierarchical router loss: mean over tokens of -KL(h || U).
+
+    ``probs`` is ``[tokens, experts]`` with rows summing to 1. -KL(h||U) = H(h) - log N, so the loss
+    is 0 for uniform rows and falls as the router sharpens, down to -log N for one-hot rows.
+    """
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be [tokens, experts], got shape {tuple(probs.shape)}")
+    probs = probs.float()
+    neg_entropy = torch.special.xlogy(probs, probs).sum(dim=-1)
+    return -(neg_entropy + math.log(probs.shape[-1])).mean()
+
+
+def sample_token_budgets(
+    choices: Sequence[int], num_tokens: int, device=None, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """M-MoE per-token budgets: ``[tokens]`` values drawn uniformly from ``choices``."""
+    table = torch.as_tensor(list(choices), dtype=torch.long, device=device)
+    picks = torch.randint(len(table), (num_tokens,), generator=generator, device=device)
+    return table[picks]
+
+
+def budget_draw(choices: Sequence[int], seed: int, stream: int, counter: int) -> int:
+    """M-MoE per-step / per-layer budget: one value of ``choices``, a pure function of its inputs.
+
+    Every rank that passes the same (seed, stream, counter) gets the same k, with no
+    communication and no use of the global RNG, so TP/EP/DP/PP ranks agree and recompute replays.
+    """
+    generator = torch.Generator().manual_seed(_mix(seed, stream, counter))
+    return int(choices[int(torch.randint(len(choices), (1,), generator=generator))])
+
+
+def _mix(*values: int) -> int:
+    """Hash non-negative ints into one 63-bit seed (splitmix64 steps)."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (int(value) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9
+        state &= 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 31
+    return state & 0x7FFFFFFFFFFFFFFF
