@@ -1,0 +1,289 @@
+"""`ElasticMoEConfig`: the elastic-routing options, their CLI flags, and all their validation.
+
+Each field carries its Megatron-style flag in its metadata, so flags and fields map 1:1 by
+construction (see `arguments.py`). Every check lives here and raises `ValueError` naming the flag
+and its allowed range, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+MODES = ("topk", "emoe", "mmoe")
+MMOE_SAMPLE_LEVELS = ("step", "layer", "token")
+# Load-balancing types whose losses the elastic router can feed with its own routing map.
+AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+
+Budget = Union[None, int, Sequence[int]]
+
+
+def _flag(name: str, help: str, **argparse_kwargs: Any) -> dict:
+    return {"flag": name, "help": help, "argparse": argparse_kwargs}
+
+
+@dataclass(frozen=True)
+class ElasticMoEConfig:
+    """How the router picks experts in training, and the default inference budget."""
+
+    mode: str = field(
+        default="topk",
+        metadata=_flag(
+            "--moe-router-mode",
+            "Training-time routing: plain top-k, Elastic MoE co-activation sampling, or "
+            "Matryoshka MoE random budgets.",
+            choices=MODES,
+        ),
+    )
+    k_ideal: Optional[int] = field(
+        default=None,
+        metadata=_flag(
+            "--emoe-k-ideal",
+            "EMoE candidate pool per token; k of these are activated. Default: "
+            "round(emoe-k-ideal-factor * moe-router-topk).",
+            type=int,
+        ),
+    )
+    k_ideal_factor: float = field(
+        default=2.0,
+        metadata=_flag(
+            "--emoe-k-ideal-factor", "k_ideal as a multiple of moe-router-topk (papers: 2-4).",
+            type=float,
+        ),
+    )
+    hr_loss_coeff: float = field(
+        default=0.0,
+        metadata=_flag(
+            "--emoe-hr-loss-coeff",
+            "Weight of the hierarchical router loss -KL(h||U) (EMoE: ~5e-4 LoRA, ~1e-8 FFN).",
+            type=float,
+        ),
+    )
+    mmoe_k_choices: Optional[tuple[int, ...]] = field(
+        default=None,
+        metadata=_flag(
+            "--mmoe-k-choices", "M-MoE: the budgets k is drawn from (uniformly).", type=int,
+            nargs="+",
+        ),
+    )
+    mmoe_k_min: Optional[int] = field(
+        default=None,
+        metadata=_flag("--mmoe-k-min", "M-MoE: smallest k of a range (default 1).", type=int),
+    )
+    mmoe_k_max: Optional[int] = field(
+        default=None,
+        metadata=_flag(
+            "--mmoe-k-max", "M-MoE: largest k of a range (default moe-router-topk).", type=int
+        ),
+    )
+    mmoe_sample_level: str = field(
+        default="layer",
+        metadata=_flag(
+            "--mmoe-sample-level",
+            "M-MoE: draw k once per step for all layers, per layer, or per token.",
+            choices=MMOE_SAMPLE_LEVELS,
+        ),
+    )
+    mmoe_seed: int = field(
+        default=1234,
+        metadata=_flag(
+            "--mmoe-seed", "M-MoE: seed of the step/layer budget draws (same on all ranks).",
+            type=int,
+        ),
+    )
+    active_experts: Optional[Union[int, tuple[int, ...]]] = field(
+        default=None,
+        metadata=_flag(
+            "--moe-active-experts",
+            "Inference budget k': one value for every MoE layer, or one per MoE layer. "
+            "Default: the training moe-router-topk.",
+            type=int,
+            nargs="+",
+        ),
+    )
+
+    def __post_init__(self):
+        # Normalise list-valued fields so the frozen config stays hashable and comparable.
+        if self.mmoe_k_choices is not None:
+            object.__setattr__(self, "mmoe_k_choices", tuple(int(k) for k in self.mmoe_k_choices))
+        if isinstance(self.active_experts, (list, tuple)):
+            budget = tuple(int(k) for k in self.active_experts)
+            object.__setattr__(self, "active_experts", budget[0] if len(budget) == 1 else budget)
+        self._validate_standalone()
+
+    # ----------------------------------------------------------------------------------------
+    # Derived values
+    # ----------------------------------------------------------------------------------------
+    def resolved_k_ideal(self, topk: int) -> int:
+        """The EMoE candidate-pool size for a training top-k."""
+        return self.k_ideal if self.k_ideal is not None else round(self.k_ideal_factor * topk)
+
+    def mmoe_budgets(self, topk: int) -> tuple[int, ...]:
+        """The M-MoE budgets k is drawn from, ascending."""
+        if self.mmoe_k_choices is not None:
+            return tuple(sorted(set(self.mmoe_k_choices)))
+        low = self.mmoe_k_min if self.mmoe_k_min is not None else 1
+        high = self.mmoe_k_max if self.mmoe_k_max is not None else topk
+        return tuple(range(low, high + 1))
+
+    def max_training_topk(self, topk: int) -> int:
+        """The most experts one token can activate in training."""
+        return max(self.mmoe_budgets(topk)) if self.mode == "mmoe" else topk
+
+    @staticmethod
+    def flag_of(field_name: str) -> str:
+        """The CLI flag of a field, for error messages."""
+        return _FIELDS[field_name].metadata["flag"]
+
+    # ----------------------------------------------------------------------------------------
+    # Validation: one place for every rule
+    # ----------------------------------------------------------------------------------------
+    def _validate_standalone(self):
+        """Rules that need no model config."""
+        if self.mode not in MODES:
+            raise ValueError(f"--moe-router-mode must be one of {MODES}, got {self.mode!r}")
+        if self.mmoe_sample_level not in MMOE_SAMPLE_LEVELS:
+            raise ValueError(
+                f"--mmoe-sample-level must be one of {MMOE_SAMPLE_LEVELS}, "
+                f"got {self.mmoe_sample_level!r}"
+            )
+        if self.k_ideal_factor < 1.0:
+            raise ValueError(f"--emoe-k-ideal-factor must be >= 1, got {self.k_ideal_factor}")
+        if self.hr_loss_coeff < 0.0:
+            raise ValueError(f"--emoe-hr-loss-coeff must be >= 0, got {self.hr_loss_coeff}")
+        if self.mmoe_k_choices is not None and (
+            self.mmoe_k_min is not None or self.mmoe_k_max is not None
+        ):
+            raise ValueError("give either --mmoe-k-choices or --mmoe-k-min/--mmoe-k-max, not both")
+        if self.mmoe_k_choices is not None and len(self.mmoe_k_choices) == 0:
+            raise ValueError("--mmoe-k-choices needs at least one value")
+
+    def validate(self, transformer_config) -> None:
+        """Check this config against a Megatron `TransformerConfig`; raise `ValueError` if off."""
+        tc = transformer_config
+        num_experts, topk = tc.num_moe_experts, tc.moe_router_topk
+        if not num_experts:
+            raise ValueError("the elastic router needs an MoE model: set --num-experts")
+        if self.mode == "emoe":
+            k_ideal = self.resolved_k_ideal(topk)
+            limit = max_routable_experts(tc)
+            if not topk <= k_ideal <= limit:
+                raise ValueError(
+                    f"--emoe-k-ideal must be in [moe-router-topk={topk}, {limit}] "
+                    f"({_limit_reason(tc)}), got {k_ideal}"
+                    + ("" if self.k_ideal is not None else " from --emoe-k-ideal-factor")
+                )
+        if self.mode == "mmoe":
+            self._validate_mmoe(tc)
+        if self.mode != "topk":
+            self._validate_router_features(tc)
+        if self.active_experts is not None:
+            validate_budget(self.active_experts, tc, flag="--moe-active-experts")
+
+    def _validate_mmoe(self, tc) -> None:
+        budgets = self.mmoe_budgets(tc.moe_router_topk)
+        limit = max_routable_experts(tc)
+        if not budgets or budgets[0] < 1 or budgets[-1] > limit:
+            flag = "--mmoe-k-choices" if self.mmoe_k_choices is not None else "--mmoe-k-min/max"
+            raise ValueError(
+                f"{flag} must lie in [1, {limit}] ({_limit_reason(tc)}) and not be empty, "
+                f"got {list(budgets)}"
+            )
+        dispatcher = tc.moe_token_dispatcher_type
+        dynamic_alltoall = (
+            tc.moe_expert_capacity_factor is not None or tc.moe_router_padding_for_quantization
+        )
+        if self.mmoe_sample_level == "token" and (
+            dispatcher == "flex" or (dispatcher == "alltoall" and not dynamic_alltoall)
+        ):
+            raise ValueError(
+                f"--mmoe-sample-level token gives each token its own k, which "
+                f"--moe-token-dispatcher-type {dispatcher} cannot take in dropless mode (it needs "
+                f"exactly moe-router-topk experts per token). Use --moe-token-dispatcher-type "
+                f"allgather, or --mmoe-sample-level step|layer"
+            )
+
+    def _validate_router_features(self, tc) -> None:
+        balancing = tc.moe_router_load_balancing_type
+        types = balancing if isinstance(balancing, list) else [balancing]
+        unsupported = [t for t in types if t not in AUX_LOSS_TYPES]
+        if unsupported:
+            raise ValueError(
+                f"--moe-router-load-balancing-type {unsupported[0]} is not supported with "
+                f"--moe-router-mode {self.mode}; allowed: {AUX_LOSS_TYPES}"
+            )
+        if getattr(tc, "moe_enable_routing_replay", False):
+            raise ValueError(
+                f"--moe-enable-routing-replay replays fixed top-k choices and cannot be combined "
+                f"with --moe-router-mode {self.mode}; use --moe-router-mode topk"
+            )
+        if tc.moe_apply_probs_on_input and self.max_training_topk(tc.moe_router_topk) != 1:
+            raise ValueError(
+                f"--moe-apply-probs-on-input needs exactly one expert per token, which "
+                f"--moe-router-mode {self.mode} does not keep"
+            )
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ElasticMoEConfig)}
+
+
+def max_routable_experts(tc) -> int:
+    """The most experts a token can reach: all of them, or those in its groups if group-limited."""
+    if tc.moe_router_num_groups and tc.moe_router_group_topk:
+        return tc.moe_router_group_topk * (tc.num_moe_experts // tc.moe_router_num_groups)
+    return tc.num_moe_experts
+
+
+def _limit_reason(tc) -> str:
+    if tc.moe_router_num_groups and tc.moe_router_group_topk:
+        return (
+            f"moe-router-group-topk={tc.moe_router_group_topk} groups of "
+            f"{tc.num_moe_experts // tc.moe_router_num_groups} experts"
+        )
+    return f"num-experts={tc.num_moe_experts}"
+
+
+def decoder_moe_layers(tc) -> list[int]:
+    """1-based numbers of the decoder layers that are MoE, from `moe_layer_freq`."""
+    freq = tc.moe_layer_freq
+    pattern = freq if isinstance(freq, list) else [int(i % freq == 0) for i in range(tc.num_layers)]
+    return [i + 1 for i, is_moe in enumerate(pattern) if is_moe]
+
+
+def validate_budget(budget: Budget, tc, flag: str = "active experts") -> Budget:
+    """Check an inference budget k' and return it as None, an int, or a tuple (one per layer).
+
+    Allowed values: 1 <= k' <= num_experts (or the group-limited reach). A list has one entry per
+    MoE decoder layer in layer order, optionally followed by one per MTP layer.
+    """
+    if budget is None:
+        return None
+    values = [budget] if isinstance(budget, int) else list(budget)
+    if not values or any(isinstance(k, bool) or not isinstance(k, int) for k in values):
+        raise ValueError(f"{flag} must be an int or a list of ints, got {budget!r}")
+    limit = max_routable_experts(tc)
+    for k in values:
+        if not 1 <= k <= limit:
+            raise ValueError(f"{flag} must be in [1, {limit}] ({_limit_reason(tc)}), got {k}")
+    if isinstance(budget, int):
+        return budget
+    num_decoder = len(decoder_moe_layers(tc))
+    lengths = sorted({num_decoder, num_decoder + (tc.mtp_num_layers or 0)})
+    if len(values) not in lengths:
+        raise ValueError(
+            f"{flag} per-layer list must have one entry per MoE layer "
+            f"({' or '.join(map(str, lengths))} for this model), got {len(values)}"
+        )
+    return tuple(values)
+
+
+def layer_budget(budget: Budget, tc, layer_number: int, is_mtp_layer: bool) -> Optional[int]:
+    """The budget of one MoE layer; MTP layers without an entry take the last decoder entry."""
+    if budget is None or isinstance(budget, int):
+        return budget
+    decoder = decoder_moe_layers(tc)
+    if not is_mtp_layer:
+        return budget[decoder.index(layer_number)]
+    position = len(decoder) + layer_number - 1
+    return budget[position] if position < len(budget) else budget[len(decoder) - 1]

@@ -1,0 +1,198 @@
+"""ElasticMoEConfig validation, the Megatron CLI flags, and spec rewriting (no processes needed)."""
+
+import argparse
+import dataclasses
+import functools
+
+import pytest
+
+import builders
+from megatron_emoe import ElasticMoEConfig, add_elastic_moe_args, elastic_config_from_args
+from megatron_emoe.config import validate_budget
+
+
+def config(**overrides):
+    return builders.moe_config(**overrides)  # 8 experts, top-2, alltoall, 2 MoE layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a ValueError naming the flag and the allowed range, when the config is built.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "elastic, tc_overrides, message",
+    [
+        (dict(mode="emoe", k_ideal=1), {}, r"--emoe-k-ideal must be in \[moe-router-topk=2, 8\]"),
+        (dict(mode="emoe", k_ideal=9), {}, r"--emoe-k-ideal must be in \[moe-router-topk=2, 8\]"),
+        (dict(mode="emoe", k_ideal_factor=5.0), {}, r"--emoe-k-ideal .*from --emoe-k-ideal-factor"),
+        (
+            dict(mode="emoe", k_ideal=6),
+            dict(moe_router_num_groups=4, moe_router_group_topk=2),
+            r"\[moe-router-topk=2, 4\] \(moe-router-group-topk=2 groups of 2 experts\)",
+        ),
+        (dict(active_experts=0), {}, r"--moe-active-experts must be in \[1, 8\]"),
+        (dict(active_experts=9), {}, r"--moe-active-experts must be in \[1, 8\]"),
+        (dict(active_experts=(1, 2, 3)), {}, r"--moe-active-experts per-layer list .* \(2 for"),
+        (dict(mode="mmoe", mmoe_k_choices=(1, 9)), {}, r"--mmoe-k-choices must lie in \[1, 8\]"),
+        (dict(mode="mmoe", mmoe_k_min=0, mmoe_k_max=2), {}, r"--mmoe-k-min/max must lie in \[1, 8\]"),
+        (
+            dict(mode="mmoe", mmoe_sample_level="token"),
+            dict(moe_token_dispatcher_type="alltoall"),
+            r"--moe-token-dispatcher-type alltoall cannot take",
+        ),
+        (
+            dict(mode="emoe", k_ideal=4),
+            dict(moe_router_load_balancing_type="sinkhorn"),
+            r"--moe-router-load-balancing-type sinkhorn is not supported",
+        ),
+    ],
+)
+def test_bad_input_names_flag_and_range(elastic, tc_overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ElasticMoEConfig(**elastic).validate(config(**tc_overrides))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="dense"), r"--moe-router-mode must be one of"),
+        (dict(mmoe_sample_level="sequence"), r"--mmoe-sample-level must be one of"),
+        (dict(k_ideal_factor=0.5), r"--emoe-k-ideal-factor must be >= 1"),
+        (dict(hr_loss_coeff=-1.0), r"--emoe-hr-loss-coeff must be >= 0"),
+        (dict(mmoe_k_choices=(1,), mmoe_k_max=2), r"either --mmoe-k-choices or"),
+    ],
+)
+def test_bad_standalone_values_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ElasticMoEConfig(**kwargs)
+
+
+def test_valid_combinations_pass():
+    ElasticMoEConfig(mode="emoe", k_ideal=8, active_experts=(1, 6)).validate(config())
+    ElasticMoEConfig(mode="mmoe", mmoe_sample_level="token").validate(
+        config(moe_token_dispatcher_type="allgather")
+    )
+    # Token dropping makes the alltoall output size dynamic, so per-token budgets are fine there.
+    ElasticMoEConfig(mode="mmoe", mmoe_sample_level="token").validate(
+        config(moe_expert_capacity_factor=1.5)
+    )
+    # Plain top-k keeps every Megatron balancing type.
+    ElasticMoEConfig(mode="topk").validate(
+        config(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0)
+    )
+
+
+def test_budget_lists_may_cover_mtp_layers():
+    tc = config(mtp_num_layers=1)
+    assert validate_budget((1, 2, 3), tc) == (1, 2, 3)
+    assert validate_budget((1, 2), tc) == (1, 2)
+    with pytest.raises(ValueError, match=r"\(2 or 3 for this model\)"):
+        validate_budget((1, 2, 3, 4), tc)
+
+
+def test_derived_values():
+    assert ElasticMoEConfig(mode="emoe").resolved_k_ideal(2) == 4
+    assert ElasticMoEConfig(mode="emoe", k_ideal_factor=3).resolved_k_ideal(2) == 6
+    assert ElasticMoEConfig(mode="mmoe").mmoe_budgets(4) == (1, 2, 3, 4)
+    assert ElasticMoEConfig(mode="mmoe", mmoe_k_min=2, mmoe_k_max=6).mmoe_budgets(4) == (2, 3, 4, 5, 6)
+    assert ElasticMoEConfig(mode="mmoe", mmoe_k_choices=[4, 1, 4]).mmoe_budgets(2) == (1, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: the flags extend Megatron's own parser and map 1:1 to the dataclass fields.
+# ---------------------------------------------------------------------------------------------
+def test_flags_extend_megatron_parser_one_to_one():
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_elastic_moe_args(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    args = parser.parse_args(
+        "--moe-router-mode emoe --emoe-k-ideal 6 --emoe-hr-loss-coeff 5e-4 "
+        "--mmoe-k-choices 1 2 4 --mmoe-sample-level token --moe-active-experts 1 3 "
+        "--num-experts 8 --moe-router-topk 2".split()
+    )
+    elastic = elastic_config_from_args(args)
+    assert elastic == ElasticMoEConfig(
+        mode="emoe", k_ideal=6, hr_loss_coeff=5e-4, mmoe_k_choices=(1, 2, 4),
+        mmoe_sample_level="token", active_experts=(1, 3),
+    )
+    flags = {f.metadata["flag"] for f in dataclasses.fields(ElasticMoEConfig)}
+    assert len(flags) == len(dataclasses.fields(ElasticMoEConfig))
+    assert elastic_config_from_args(parser.parse_args([])) == ElasticMoEConfig()
+
+
+def test_from_args_validates_against_the_model():
+    parser = add_elastic_moe_args(argparse.ArgumentParser())
+    args = parser.parse_args("--moe-router-mode emoe --emoe-k-ideal 12".split())
+    with pytest.raises(ValueError, match="--emoe-k-ideal"):
+        elastic_config_from_args(args, config())
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec rewriting.
+# ---------------------------------------------------------------------------------------------
+def _moe_specs(spec):
+    from megatron_emoe import ElasticMoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    found = []
+
+    def walk(node):
+        if isinstance(node, functools.partial):
+            if node.func is ElasticMoELayer:
+                found.append(node.keywords["submodules"])
+            for value in [*node.args, *node.keywords.values()]:
+                walk(value)
+        elif isinstance(node, ModuleSpec):
+            if node.module is ElasticMoELayer:
+                found.append(node.submodules)
+            walk(node.submodules)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                walk(getattr(node, f.name))
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                walk(item)
+
+    walk(spec)
+    return found
+
+
+def test_rewrites_layer_and_block_specs_without_touching_input():
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec, get_gpt_layer_local_spec,
+    )
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_emoe import ElasticRouter, with_elastic_router
+
+    elastic = ElasticMoEConfig(mode="emoe", k_ideal=4)
+    layer = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    rewritten = with_elastic_router(layer, elastic)
+    assert layer.submodules.mlp.func is MoELayer, "input spec was modified"
+    (moe,) = _moe_specs(rewritten)
+    assert moe.router.func is ElasticRouter
+    assert moe.router.keywords == {"elastic": elastic}
+
+    tc = config(num_layers=4, moe_layer_freq=[1, 0, 1, 1], mtp_num_layers=1)
+    block = get_gpt_decoder_block_spec(tc, use_transformer_engine=False, pp_rank=0)
+    assert len(_moe_specs(with_elastic_router(block, elastic))) == 3
+    # Rewriting twice is harmless.
+    assert len(_moe_specs(with_elastic_router(with_elastic_router(block, elastic), elastic))) == 3
+
+
+def test_transformer_engine_spec_is_rewritten():
+    pytest.importorskip("transformer_engine")
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    from megatron_emoe import with_elastic_router
+
+    spec = get_gpt_layer_with_transformer_engine_spec(num_experts=8, moe_grouped_gemm=True)
+    assert len(_moe_specs(with_elastic_router(spec, ElasticMoEConfig(mode="emoe")))) == 1
+
+
+def test_spec_without_moe_is_rejected():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_emoe import with_elastic_router
+
+    with pytest.raises(ValueError, match="no MoE layer"):
+        with_elastic_router(get_gpt_layer_local_spec(), ElasticMoEConfig())
