@@ -1,0 +1,30 @@
+"""megatron-emoe: elastic Mixture-of-Experts routing (EMoE, Matryoshka MoE) for Megatron-Core.
+
+`megatron_emoe.routing` is pure torch and imports without Megatron; the Megatron glue below is
+imported lazily so that `import megatron_emoe` stays light.
+"""
+
+from megatron_emoe.config import ElasticMoEConfig
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ElasticRouter": "megatron_emoe.router",
+    "ElasticMoELayer": "megatron_emoe.layer",
+    "with_elastic_router": "megatron_emoe.spec",
+    "set_active_experts": "megatron_emoe.budget",
+    "get_active_experts": "megatron_emoe.budget",
+    "elastic_routers": "megatron_emoe.budget",
+    "add_elastic_moe_args": "megatron_emoe.arguments",
+    "elastic_config_from_args": "megatron_emoe.arguments",
+}
+
+__all__ = ["ElasticMoEConfig", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'megatron_emoe' has no attribute {name!r}")

@@ -1,0 +1,49 @@
+"""Inference budgets: how many experts each token activates, set on a built model without rebuilding.
+
+A budget is an int (every MoE layer), a list with one entry per MoE decoder layer in layer order
+(optionally followed by one per MTP layer), or None for the training behaviour. Lists use global
+layer numbers, so every pipeline stage takes the same list.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+
+from megatron_emoe.config import Budget, validate_budget
+from megatron_emoe.router import ElasticRouter
+
+
+def elastic_routers(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]) -> list[ElasticRouter]:
+    """The elastic routers of a model or of a list of model chunks: decoder first, by layer."""
+    chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
+    routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, ElasticRouter)]
+    return sorted(routers, key=lambda r: (r.is_mtp_layer, r.layer_number or 0))
+
+
+def set_active_experts(model, k: Budget) -> None:
+    """Route every MoE layer of ``model`` to its top-k' experts in eval mode (None: training k).
+
+    Raises `ValueError` naming the allowed range for k' < 1, k' > num_experts, or a per-layer list
+    of the wrong length. Training-mode forwards keep their configured routing.
+    """
+    routers = _routers_or_raise(model)
+    budget = validate_budget(k, routers[0].config, flag="set_active_experts k")
+    for router in routers:
+        router.budget = budget
+
+
+def get_active_experts(model) -> list[Optional[int]]:
+    """The eval-time k' of each local MoE layer (None where the training top-k applies)."""
+    return [router.active_topk for router in _routers_or_raise(model)]
+
+
+def _routers_or_raise(model) -> list[ElasticRouter]:
+    routers = elastic_routers(model)
+    if not routers:
+        raise ValueError(
+            "the model has no ElasticRouter: build its layer spec with "
+            "megatron_emoe.with_elastic_router(spec, elastic_config)"
+        )
+    return routers

@@ -1,0 +1,213 @@
+"""`ElasticRouter`: Megatron's `TopKRouter` with EMoE / M-MoE selection and an inference budget.
+
+The router decides *which* experts each token activates; gates, aux losses, token dropping, z-loss
+and expert-bias updates stay Megatron's own code, fed with the map that is actually dispatched.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_utils import (
+    apply_router_token_dropping,
+    compute_routing_scores_for_aux_loss,
+    get_default_pg_collection,
+    topk_routing_with_score_function,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_emoe import routing
+from megatron_emoe.config import ElasticMoEConfig, layer_budget, validate_budget
+
+HR_LOSS_NAME = "hierarchical_router_loss"
+
+
+class ElasticRouter(TopKRouter):
+    """Routes with Top-k, EMoE or M-MoE in training and with top-k' under a set budget in eval.
+
+    Plugs in through `MoESubmodules.router` (see `with_elastic_router`). In training the chosen
+    experts are drawn with torch's RNG, so activation recompute replays them.
+    """
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, elastic=None):
+        elastic = elastic if elastic is not None else ElasticMoEConfig()
+        elastic.validate(config)
+        # Like MoELayer: default to the global parallel groups when built on its own.
+        pg_collection = pg_collection if pg_collection is not None else get_default_pg_collection()
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        self.elastic = elastic
+        self.train_topk = config.moe_router_topk
+        self.k_ideal = elastic.resolved_k_ideal(self.train_topk)
+        self.mmoe_budgets = elastic.mmoe_budgets(self.train_topk)
+        # Eval-time budget k' of the whole model (None, int or per-layer tuple); see `active_topk`.
+        self.budget = elastic.active_experts
+        # Experts per token the dispatcher must expect for the current forward (max if per-token).
+        self.dispatch_topk: int = self.train_topk
+        # Count of M-MoE step/layer budget draws; advanced once per forward, not on recompute.
+        self.budget_draws = 0
+
+    # ---------------------------------------------------------------------------------------
+    # Budget
+    # ---------------------------------------------------------------------------------------
+    def set_budget(self, budget) -> None:
+        """Set the model's eval-time budget (None, int, or one per MoE layer); None = training k."""
+        self.budget = validate_budget(budget, self.config)
+
+    @property
+    def active_topk(self) -> Optional[int]:
+        """This layer's eval-time k', or None to route with the training top-k."""
+        return layer_budget(self.budget, self.config, self.layer_number, self.is_mtp_layer)
+
+    def _plan(self, num_tokens: int, device) -> tuple[int, Optional[torch.Tensor]]:
+        """This forward's budget: (k, None) for one k for all tokens, or (k_max, [tokens] budgets)."""
+        if not self.training:
+            return (self.active_topk or self.train_topk), None
+        if self.elastic.mode != "mmoe":
+            return self.train_topk, None
+        if self.elastic.mmoe_sample_level == "token":
+            budgets = routing.sample_token_budgets(self.mmoe_budgets, num_tokens, device)
+            return max(self.mmoe_budgets), self._agree_across_tp(budgets)
+        stream = 0 if self.elastic.mmoe_sample_level == "step" else self._global_layer_number()
+        k = routing.budget_draw(self.mmoe_budgets, self.elastic.mmoe_seed, stream, self.budget_draws)
+        # A checkpointed forward runs twice (no-grad, then recompute with grad): advance only on
+        # the pass that builds the graph, so both passes draw the same k, exactly once each step.
+        if torch.is_grad_enabled():
+            self.budget_draws += 1
+        return k, None
+
+    def _global_layer_number(self) -> int:
+        number = self.layer_number or 0
+        return number + self.config.num_layers if self.is_mtp_layer else number
+
+    # ---------------------------------------------------------------------------------------
+    # Routing
+    # ---------------------------------------------------------------------------------------
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Return sparse gates and the boolean routing map, both `[tokens, experts]`."""
+        self.topk = self.dispatch_topk = self.train_topk
+        exact_megatron = self.elastic.mode == "topk" and (self.training or not self.active_topk)
+        if exact_megatron:
+            return super().routing(logits, padding_mask=padding_mask)
+
+        seq_length, bsz = logits.shape[:2]
+        logits = logits.view(-1, self.config.num_moe_experts)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
+
+        k, budgets = self._plan(logits.shape[0], logits.device)
+        chosen = self._choose_experts(logits, k)
+        probs, routing_map = self._gate(logits, chosen, budgets)
+        # Megatron's aux-loss helpers read self.topk: give them the mean experts per token.
+        self.topk = k if budgets is None else budgets.float().mean()
+        self.dispatch_topk = k
+        map_for_aux_loss = routing_map
+
+        if self.config.moe_expert_capacity_factor is not None:
+            probs, routing_map = apply_router_token_dropping(
+                probs,
+                routing_map,
+                router_topk=k,
+                capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+            )
+        if self.training and torch.is_grad_enabled():
+            if self.is_aux_loss_enabled():
+                probs = self._apply_aux_losses(
+                    probs, logits, map_for_aux_loss, padding_mask, seq_length, bsz
+                )
+            probs = self._apply_hr_loss(probs, logits, padding_mask)
+        self._apply_expert_bias(routing_map, padding_mask=padding_mask)
+        return probs, routing_map
+
+    def _choose_experts(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """`[tokens, k]` experts: sampled from the top-k_ideal pool (EMoE training) or top-k."""
+        cfg = self.config
+        with torch.no_grad():
+            scores = routing.selection_scores(
+                logits, self.score_function, cfg.moe_router_pre_softmax, self.expert_bias
+            )
+            if cfg.moe_router_num_groups and cfg.moe_router_group_topk:
+                scores = routing.group_limited_scores(
+                    scores,
+                    cfg.moe_router_num_groups,
+                    cfg.moe_router_group_topk,
+                    self.train_topk // cfg.moe_router_group_topk,
+                )
+            if self.training and self.elastic.mode == "emoe":
+                return self._agree_across_tp(routing.sample_coactivation(scores, k, self.k_ideal))
+            return routing.topk_indices(scores, k)
+
+    def _agree_across_tp(self, drawn: torch.Tensor) -> torch.Tensor:
+        """Random draws for tokens that every TP rank holds (no sequence parallelism) come from
+        TP rank 0, so the ranks agree whatever their RNG states; sharded tokens need nothing."""
+        group = self.tp_group
+        if group is None or group.size() == 1 or self.config.sequence_parallel:
+            return drawn
+        source = torch.distributed.get_global_rank(group, 0)
+        torch.distributed.broadcast(drawn, src=source, group=group)
+        return drawn
+
+    def _gate(self, logits, chosen, budgets):
+        """Gates over the chosen experts with Megatron's own score-function code."""
+        if budgets is None:
+            return self._gate_fixed(logits, chosen)
+        # Per-token budgets: one Megatron call per distinct k (few), not per token.
+        probs = torch.zeros_like(logits)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool)
+        for k in self.mmoe_budgets:
+            rows = (budgets == k).nonzero(as_tuple=True)[0]
+            rows_probs, rows_map = self._gate_fixed(logits[rows], chosen[rows, :k])
+            probs = probs.index_put((rows,), rows_probs)
+            routing_map = routing_map.index_put((rows,), rows_map)
+        return probs, routing_map
+
+    def _gate_fixed(self, logits, chosen):
+        return topk_routing_with_score_function(
+            logits,
+            chosen.shape[1],
+            use_pre_softmax=self.config.moe_router_pre_softmax,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.score_function,
+            precomputed_indices=chosen,
+        )
+
+    def _apply_aux_losses(self, probs, logits, routing_map, padding_mask, seq_length, bsz):
+        """Megatron's load-balancing losses, counted on the map this router dispatches."""
+        _, scores = compute_routing_scores_for_aux_loss(
+            logits,
+            self.dispatch_topk,
+            self.score_function,
+            fused=self.config.moe_router_fusion,
+            padding_mask=padding_mask,
+        )
+        if padding_mask is not None:
+            routing_map = routing_map & ~padding_mask.unsqueeze(-1)
+        padded = padding_mask is not None
+        probs = self._apply_aux_loss(probs, scores, routing_map, with_padding_mask=padded)
+        probs = self._apply_seq_aux_loss(
+            probs, scores, routing_map, seq_length, bsz, with_padding_mask=padded
+        )
+        return self._apply_global_aux_loss(probs, scores, routing_map, with_padding_mask=padded)
+
+    def _apply_hr_loss(self, probs, logits, padding_mask):
+        """Attach coeff * L_HR like Megatron's aux losses (scaled by the loss scale, logged)."""
+        coeff = self.elastic.hr_loss_coeff
+        if coeff == 0:
+            return probs
+        full_softmax = torch.softmax(logits.float(), dim=-1)
+        if padding_mask is not None:
+            full_softmax = full_softmax[~padding_mask]
+        hr_loss = routing.hierarchical_router_loss(full_softmax)
+        # Each TP/CP rank averages its own tokens and router grads are summed over TP/CP, so
+        # divide by that group's size (as Megatron does for the z-loss).
+        return self.attach_and_log_load_balancing_loss(
+            probs,
+            coeff,
+            hr_loss * coeff / self.tp_cp_group.size(),
+            HR_LOSS_NAME,
+            self.tp_cp_group,
+            valid_token_count=full_softmax.shape[0],
+        )
