@@ -1,0 +1,74 @@
+"""Run a function in N local gloo processes with Megatron's parallel state set up (CPU or GPU).
+
+Used by the examples and the tests: `run_gloo(fn, world_size=2, ep=2)` spawns `world_size`
+processes on 127.0.0.1 and in each initialises gloo, `megatron_emoe.cpu.enable()`, Megatron's
+parallel groups and seeds, then calls `fn(rank, *args, **kwargs)`. A failure in any rank is raised
+in the caller with that rank's traceback. `fn` must be a top-level (picklable) function. With
+world_size=1 it runs in the calling process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SEED = 1234
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(rank, world_size, port, fn, args, kwargs, parallel, timeout):
+    """Body of one rank: set up gloo and Megatron, run `fn`, always tear down."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_emoe import cpu
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    try:
+        cpu.enable()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel["tp"],
+            expert_model_parallel_size=parallel["ep"],
+            pipeline_model_parallel_size=parallel["pp"],
+        )
+        torch.manual_seed(SEED)  # as megatron.training does before seeding the tracker
+        tensor_parallel.model_parallel_cuda_manual_seed(SEED)
+        return fn(rank, *args, **kwargs)
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def run_gloo(fn, world_size=2, *, tp=1, ep=1, pp=1, args=(), kwargs=None, timeout=120):
+    """Run `fn(rank, *args, **kwargs)` on `world_size` gloo ranks; raise if any rank fails."""
+    parallel = {"tp": tp, "ep": ep, "pp": pp}
+    run_args = (world_size, _free_port(), fn, tuple(args), dict(kwargs or {}), parallel, timeout)
+    if world_size == 1:
+        _run(0, *run_args)
+        return
+    context = mp.start_processes(_run, args=run_args, nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        # join() raises ProcessRaisedException, with the rank's traceback, as soon as a rank fails.
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__} did not finish in {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()

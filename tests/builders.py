@@ -1,0 +1,109 @@
+"""Small real Megatron models for tests, plus a dense per-expert reference for MoE outputs.
+
+Everything here builds Megatron-Core's own modules; only `dense_reference` is written out, because
+it is the independent answer the real layer is checked against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_emoe import ElasticMoEConfig, with_elastic_router
+
+VOCAB = 64
+SEQ = 16
+
+
+def moe_config(**overrides) -> TransformerConfig:
+    """A tiny fp32 MoE TransformerConfig sized for CPU tests; parallel sizes from parallel_state."""
+    settings = dict(
+        num_layers=2,
+        hidden_size=16,
+        ffn_hidden_size=32,
+        num_attention_heads=2,
+        num_moe_experts=8,
+        moe_router_topk=2,
+        moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=0.0,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        params_dtype=torch.float32,
+    )
+    if parallel_state.model_parallel_is_initialized():
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        settings.update(
+            tensor_model_parallel_size=tp,
+            expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+            sequence_parallel=tp > 1,
+        )
+    settings.update(overrides)
+    return TransformerConfig(**settings)
+
+
+def moe_layer(config: TransformerConfig, elastic: ElasticMoEConfig, layer_number: int = 1):
+    """A real (Elastic)MoELayer built from Megatron's local GPT layer spec."""
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+    layer = with_elastic_router(spec, elastic).submodules.mlp(config=config)  # a partial in 0.19
+    layer.set_layer_number(layer_number)
+    return layer
+
+
+def gpt_model(config: TransformerConfig, elastic: ElasticMoEConfig) -> GPTModel:
+    """A tiny real GPTModel whose MoE layers route elastically."""
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=with_elastic_router(block, elastic),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+    )
+
+
+def gpt_batch(batch_size: int = 2, seed: int = 0):
+    """Token ids, positions, causal mask and next-token labels for `gpt_model`."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(VOCAB, (batch_size, SEQ + 1), generator=generator)
+    positions = torch.arange(SEQ).expand(batch_size, SEQ)
+    causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+    return tokens[:, :-1], positions, causal, tokens[:, 1:]
+
+
+def all_expert_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1 `[experts, ffn, hidden]` and fc2 `[experts, hidden, ffn]` of every expert, over EP."""
+    local = layer.experts.local_experts
+    fc1 = torch.stack([e.linear_fc1.weight.detach() for e in local])
+    fc2 = torch.stack([e.linear_fc2.weight.detach() for e in local])
+    group = parallel_state.get_expert_model_parallel_group()
+    if group.size() == 1:
+        return fc1, fc2
+    gathered = [[torch.empty_like(w) for _ in range(group.size())] for w in (fc1, fc2)]
+    torch.distributed.all_gather(gathered[0], fc1, group=group)
+    torch.distributed.all_gather(gathered[1], fc2, group=group)
+    return torch.cat(gathered[0]), torch.cat(gathered[1])
+
+
+def dense_reference(x, router_weight, fc1, fc2, k: int) -> torch.Tensor:
+    """Every expert on every token, mixed by softmax over each token's top-k logits: `[tokens, h]`."""
+    logits = x @ router_weight.t()  # [tokens, experts]
+    top = logits.topk(k, dim=-1)
+    gates = torch.zeros_like(logits).scatter(1, top.indices, top.values.softmax(-1))
+    hidden = F.gelu(torch.einsum("efh,th->tef", fc1, x))  # [tokens, experts, ffn]
+    expert_out = torch.einsum("ehf,tef->teh", fc2, hidden)  # [tokens, experts, hidden]
+    return torch.einsum("te,teh->th", gates, expert_out)
