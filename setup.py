@@ -1,0 +1,27 @@
+"""megatron-emoe: elastic Mixture-of-Experts routing (EMoE, Matryoshka MoE) for Megatron-Core."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-emoe",
+    version="0.1.0",
+    description="Train MoE models once, serve them at any number of active experts (Megatron-Core)",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_emoe", "megatron_emoe.*"]),
+    python_requires=">=3.12",
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core~=0.19.2",
+        "numpy",
+        "packaging",
+        "psutil",  # dist_checkpointing needs it
+    ],
+    extras_require={
+        # Transformer Engine's torch binding builds from source against CUDA: GPU machines only.
+        "te": ["transformer-engine[pytorch]>=2.6"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+)
