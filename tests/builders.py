@@ -36,13 +36,6 @@ def moe_config(**overrides) -> TransformerConfig:
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
         params_dtype=torch.float32,
     )
     if parallel_state.model_parallel_is_initialized():
@@ -54,6 +47,14 @@ def moe_config(**overrides) -> TransformerConfig:
         )
     settings.update(overrides)
     return TransformerConfig(**settings)
+
+
+def reseed(seed: int = 0) -> None:
+    """Seed the default generator and Megatron's RNG tracker, so two builds get equal weights."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def moe_layer(config: TransformerConfig, elastic: ElasticMoEConfig, layer_number: int = 1):

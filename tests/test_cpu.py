@@ -12,6 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+import builders
 from megatron_emoe import cpu
 from distributed import run_distributed_test
 from megatron_emoe.launch import SEED
@@ -26,25 +27,17 @@ SEQ, BATCH = 8, 2
 
 
 def _config(ep: int, dispatcher: str = "alltoall", num_layers: int = 1) -> TransformerConfig:
-    return TransformerConfig(
+    return builders.moe_config(
         num_layers=num_layers,
         hidden_size=HIDDEN,
-        ffn_hidden_size=32,
         num_attention_heads=4,
         num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=2,
         moe_aux_loss_coeff=0.01,
         moe_token_dispatcher_type=dispatcher,
         expert_model_parallel_size=ep,
-        add_bias_linear=False,
-        params_dtype=torch.float32,
+        hidden_dropout=0.1,  # Megatron's defaults: exercise the RNG tracker's fork on CPU
+        attention_dropout=0.1,
     )
-
-
-def _reseed():
-    """Same seeds as `megatron_emoe.launch`, so that two builds get identical weights."""
-    torch.manual_seed(SEED)
-    tensor_parallel.model_parallel_cuda_manual_seed(SEED)
 
 
 def _moe_layer(config: TransformerConfig):
@@ -65,7 +58,7 @@ def _moe_forward_backward(rank: int, ep: int):
     tokens = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(rank))
     outputs = {}
     for dispatcher in ("alltoall", "allgather"):
-        _reseed()
+        builders.reseed(SEED)
         layer = _moe_layer(_config(ep, dispatcher))
         assert len(layer.experts.local_experts) == NUM_EXPERTS // ep
         hidden = tokens.clone().requires_grad_()
@@ -154,7 +147,7 @@ def _save(rank: int, path):
 
 
 def _load_and_compare(rank: int, path):
-    _reseed()
+    builders.reseed(SEED)
     torch.manual_seed(SEED + 1)  # start from different weights than the saved ones
     model = _gpt_model(ep=1)
     expected = {}

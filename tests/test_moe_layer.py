@@ -161,7 +161,7 @@ def _recompute_replays(rank, mode):
     for recompute in (False, True):
         overrides = dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
         config = builders.moe_config(moe_aux_loss_coeff=1e-2, **overrides)
-        torch.manual_seed(0)
+        builders.reseed(0)
         elastic = ElasticMoEConfig(mode=mode, k_ideal=6, mmoe_k_choices=(1, 2, 3, 4))
         layer = builders.moe_layer(config, elastic)
         maps = _record_routing(layer.router)
@@ -230,7 +230,7 @@ def _gpt_two_steps_then_budgets(rank):
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     for name, elastic in MODES.items():
-        torch.manual_seed(0)
+        builders.reseed(0)
         config = builders.moe_config(moe_aux_loss_coeff=1e-2)
         model = builders.gpt_model(config, elastic)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -304,3 +304,80 @@ def test_selection_scores_used_by_router_match_megatron_ranking():
     _, ref_map = topk_routing_with_score_function(logits, 3, score_function="sigmoid", expert_bias=bias)
     ours = selection_scores(logits, "sigmoid", expert_bias=bias).topk(3, -1).indices
     assert torch.equal(torch.zeros_like(ref_map).scatter(1, ours, True), ref_map)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capacity factor: token dropping and pad-to-capacity at every budget.
+# ---------------------------------------------------------------------------------------------
+def _capacity(rank):
+    import math
+
+    for pad in (False, True):
+        config = builders.moe_config(
+            moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=pad,
+            moe_token_drop_policy="probs",
+        )
+        layer = builders.moe_layer(config, ElasticMoEConfig(mode="emoe", k_ideal=4))
+        maps = _record_routing(layer.router)
+        x = _inputs(rank, config.hidden_size)
+        layer.train()
+        out, _ = layer(x)
+        out.sum().backward()
+        layer.eval()
+        for k in (1, 4):
+            layer.router.set_budget(k)
+            with torch.no_grad():
+                layer(x)
+            capacity = math.ceil(TOKENS * k / config.num_moe_experts * 1.0)
+            per_expert = maps[-1].sum(0)
+            # With padding every expert gets exactly `capacity` tokens; the dispatcher sized its
+            # buffers from the same k, or the forward above would have failed.
+            assert (per_expert == capacity).all() if pad else (per_expert <= capacity).all()
+            assert layer.token_dispatcher.config.moe_router_topk == k
+
+
+def test_capacity_factor_and_pad_to_capacity_follow_the_budget():
+    run_distributed_test(_capacity, world_size=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-token prediction layers route elastically too.
+# ---------------------------------------------------------------------------------------------
+def _mtp(rank):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec, get_gpt_mtp_block_spec,
+    )
+
+    from megatron_emoe import elastic_routers, with_elastic_router
+
+    config = builders.moe_config(mtp_num_layers=1, mtp_loss_scaling_factor=0.1)
+    elastic = ElasticMoEConfig(mode="emoe", k_ideal=4)
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    mtp = get_gpt_mtp_block_spec(config, block.layer_specs[-1], use_transformer_engine=False)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=with_elastic_router(block, elastic),
+        mtp_block_spec=with_elastic_router(mtp, elastic),
+        vocab_size=builders.VOCAB,
+        max_sequence_length=builders.SEQ,
+    )
+    routers = elastic_routers(model)
+    assert [r.is_mtp_layer for r in routers] == [False, False, True]
+    tokens, positions, mask, labels = builders.gpt_batch(seed=rank)
+    model(tokens, positions, mask, labels=labels).float().mean().backward()
+    assert routers[-1].weight.grad.abs().sum() > 0, "MTP router got no gradient"
+
+    model.eval()
+    set_active_experts(model, [1, 2, 3])
+    assert get_active_experts(model) == [1, 2, 3]
+    set_active_experts(model, [1, 2])  # MTP takes the last decoder layer's budget
+    assert get_active_experts(model) == [1, 2, 2]
+    maps = _record_routing(routers[-1])
+    with torch.no_grad():
+        model(tokens, positions, mask, labels=labels)
+    assert (maps[-1].sum(-1) == 2).all()
+
+
+def test_mtp_layers_route_elastically():
+    run_distributed_test(_mtp, world_size=1)
