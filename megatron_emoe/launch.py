@@ -1,8 +1,8 @@
 """Run a function in N local gloo processes with Megatron's parallel state set up (CPU or GPU).
 
-Used by the examples and the tests: `run_gloo(fn, world_size=2, ep=2)` spawns `world_size`
-processes on 127.0.0.1 and in each initialises gloo, `megatron_emoe.cpu.enable()`, Megatron's
-parallel groups and seeds, then calls `fn(rank, *args, **kwargs)`. A failure in any rank is raised
+Used by the examples and the tests: `run_gloo(fn, world_size=2, ep=2)` spawns `world_size` local
+processes (file-store rendezvous, gloo on loopback) and in each initialises gloo,
+`megatron_emoe.cpu.enable()`, Megatron's parallel groups and seeds, then calls `fn(rank, *args, **kwargs)`. A failure in any rank is raised
 in the caller with that rank's traceback. `fn` must be a top-level (picklable) function. With
 world_size=1 it runs in the calling process.
 """
@@ -10,8 +10,10 @@ world_size=1 it runs in the calling process.
 from __future__ import annotations
 
 import datetime
-import socket
+import os
+import tempfile
 import time
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -20,25 +22,23 @@ import torch.multiprocessing as mp
 SEED = 1234
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run(rank, world_size, port, fn, args, kwargs, parallel, timeout):
+def _run(rank, world_size, store_dir, fn, args, kwargs, parallel, timeout):
     """Body of one rank: set up gloo and Megatron, run `fn`, always tear down."""
     from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     from megatron_emoe import cpu
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout),
-    )
+    # A file store opens no listening socket, and gloo is pinned to loopback, so nothing here
+    # is reachable from outside this machine (a TCP store would listen on every interface).
+    with mock.patch.dict(os.environ, {"GLOO_SOCKET_IFNAME": "lo"}):
+        dist.init_process_group(
+            "gloo",
+            store=dist.FileStore(os.path.join(store_dir, "store"), world_size),
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
     try:
         cpu.enable()
         parallel_state.initialize_model_parallel(
@@ -50,6 +50,9 @@ def _run(rank, world_size, port, fn, args, kwargs, parallel, timeout):
         tensor_parallel.model_parallel_cuda_manual_seed(SEED)
         return fn(rank, *args, **kwargs)
     finally:
+        # Routers record into a global tracker sized and grouped by the first model: reset it
+        # so a later in-process run with other layers or groups starts clean.
+        destroy_moe_metrics_tracker()
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
@@ -57,10 +60,15 @@ def _run(rank, world_size, port, fn, args, kwargs, parallel, timeout):
 def run_gloo(fn, world_size=2, *, tp=1, ep=1, pp=1, args=(), kwargs=None, timeout=120):
     """Run `fn(rank, *args, **kwargs)` on `world_size` gloo ranks; raise if any rank fails."""
     parallel = {"tp": tp, "ep": ep, "pp": pp}
-    run_args = (world_size, _free_port(), fn, tuple(args), dict(kwargs or {}), parallel, timeout)
-    if world_size == 1:
-        _run(0, *run_args)
-        return
+    with tempfile.TemporaryDirectory(prefix="megatron-emoe-gloo-") as store_dir:
+        run_args = (world_size, store_dir, fn, tuple(args), dict(kwargs or {}), parallel, timeout)
+        if world_size == 1:
+            _run(0, *run_args)
+        else:
+            _spawn(run_args, world_size, fn, timeout)
+
+
+def _spawn(run_args, world_size, fn, timeout):
     context = mp.start_processes(_run, args=run_args, nprocs=world_size, join=False)
     deadline = time.monotonic() + timeout
     try:
