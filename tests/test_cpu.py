@@ -106,24 +106,33 @@ def test_gpt_model_forward_backward():
 
 
 def _recompute(rank: int):
+    """Recompute replays the CPU generator and the tracker; fork() switches to and from its state."""
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    name = tensor_parallel.get_expert_parallel_rng_tracker_name()
+    tracked_gen = torch.Generator().set_state(tracker.get_states()[name])
+    default_gen = torch.Generator().set_state(torch.get_rng_state())
     draws = []
 
     def noisy(x):
-        plain = torch.rand_like(x)
-        with tensor_parallel.get_cuda_rng_tracker().fork():
+        before = torch.rand_like(x)
+        with tracker.fork(name):
             tracked = torch.rand_like(x)
-        draws.append((plain, tracked))
-        return x * plain * tracked
+        after = torch.rand_like(x)
+        draws.append(torch.stack([before, tracked, after]))
+        return x * before * tracked * after
 
     x = torch.ones(16, requires_grad=True)
     y = tensor_parallel.checkpoint(noisy, False, x)
     state_after_forward = torch.get_rng_state()
     y.sum().backward()
 
-    (plain, tracked), (plain_again, tracked_again) = draws  # forward, then recompute
-    assert torch.equal(plain, plain_again) and torch.equal(tracked, tracked_again)
-    assert not torch.equal(plain, tracked), "the tracker should draw from its own state"
-    assert torch.equal(x.grad, plain * tracked)
+    forward, recompute = draws
+    assert torch.equal(forward, recompute)
+    before, tracked, after = forward
+    assert torch.equal(tracked, torch.rand(16, generator=tracked_gen)), "fork() missed the tracker"
+    expected = [torch.rand(16, generator=default_gen) for _ in range(2)]
+    assert torch.equal(torch.stack([before, after]), torch.stack(expected)), "fork() moved default"
+    torch.testing.assert_close(x.grad, before * tracked * after)
     assert torch.equal(torch.get_rng_state(), state_after_forward)
 
 
