@@ -7,7 +7,6 @@ and its allowed range, before any model is built.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -131,11 +130,6 @@ class ElasticMoEConfig:
         """The most experts one token can activate in training."""
         return max(self.mmoe_budgets(topk)) if self.mode == "mmoe" else topk
 
-    @staticmethod
-    def flag_of(field_name: str) -> str:
-        """The CLI flag of a field, for error messages."""
-        return _FIELDS[field_name].metadata["flag"]
-
     # ----------------------------------------------------------------------------------------
     # Validation: one place for every rule
     # ----------------------------------------------------------------------------------------
@@ -223,9 +217,6 @@ class ElasticMoEConfig:
                 f"--moe-apply-probs-on-input needs exactly one expert per token, which "
                 f"--moe-router-mode {self.mode} does not keep"
             )
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(ElasticMoEConfig)}
 
 
 def max_routable_experts(tc) -> int:

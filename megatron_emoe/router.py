@@ -59,10 +59,12 @@ class ElasticRouter(TopKRouter):
         """This layer's eval-time k', or None to route with the training top-k."""
         return layer_budget(self.budget, self.config, self.layer_number, self.is_mtp_layer)
 
-    def _plan(self, num_tokens: int, device) -> tuple[int, Optional[torch.Tensor]]:
+    def _plan(
+        self, num_tokens: int, device, eval_topk: Optional[int]
+    ) -> tuple[int, Optional[torch.Tensor]]:
         """This forward's budget: (k, None) for one k for all tokens, or (k_max, [tokens] budgets)."""
         if not self.training:
-            return (self.active_topk or self.train_topk), None
+            return (eval_topk or self.train_topk), None
         if self.elastic.mode != "mmoe":
             return self.train_topk, None
         if self.elastic.mmoe_sample_level == "token":
@@ -86,8 +88,8 @@ class ElasticRouter(TopKRouter):
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Return sparse gates and the boolean routing map, both `[tokens, experts]`."""
         self.topk = self.dispatch_topk = self.train_topk
-        exact_megatron = self.elastic.mode == "topk" and (self.training or not self.active_topk)
-        if exact_megatron:
+        eval_topk = None if self.training else self.active_topk
+        if self.elastic.mode == "topk" and not eval_topk:  # exactly Megatron's top-k
             return super().routing(logits, padding_mask=padding_mask)
 
         seq_length, bsz = logits.shape[:2]
@@ -96,7 +98,7 @@ class ElasticRouter(TopKRouter):
             padding_mask = padding_mask.reshape(-1)
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
 
-        k, budgets = self._plan(logits.shape[0], logits.device)
+        k, budgets = self._plan(logits.shape[0], logits.device, eval_topk)
         chosen = self._choose_experts(logits, k)
         probs, routing_map = self._gate(logits, chosen, budgets)
         # Megatron's aux-loss helpers read self.topk: give them the mean experts per token.

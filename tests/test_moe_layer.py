@@ -7,7 +7,7 @@ import torch
 from distributed import run_distributed_test
 
 import builders
-from megatron_emoe import ElasticMoEConfig, get_active_experts, set_active_experts
+from megatron_emoe import ElasticMoEConfig, elastic_routers, get_active_experts, set_active_experts
 from megatron_emoe.routing import selection_scores
 
 TOKENS = 24  # per rank, as [seq 12, batch 2]
@@ -244,11 +244,11 @@ def _gpt_two_steps_then_budgets(rank):
             losses.append(loss.item())
         assert all(torch.isfinite(torch.tensor(losses))), f"{name}: {losses}"
         if elastic.mode == "mmoe":
-            assert all(r.budget_draws == 2 for r in _routers(model))
+            assert all(r.budget_draws == 2 for r in elastic_routers(model))
 
     # Per-layer budgets on the last (M-MoE) model: each layer routes to its own k'.
     model.eval()
-    maps = {r.layer_number: _record_routing(r) for r in _routers(model)}
+    maps = {r.layer_number: _record_routing(r) for r in elastic_routers(model)}
     set_active_experts(model, [1, 3])
     assert get_active_experts(model) == [1, 3]
     with torch.no_grad():
@@ -260,12 +260,6 @@ def _gpt_two_steps_then_budgets(rank):
     assert not torch.allclose(per_layer, uniform)
     set_active_experts(model, None)
     assert get_active_experts(model) == [None, None]
-
-
-def _routers(model):
-    from megatron_emoe import elastic_routers
-
-    return elastic_routers(model)
 
 
 def test_gpt_model_trains_in_every_mode_and_takes_per_layer_budgets():
@@ -349,7 +343,7 @@ def _mtp(rank):
         get_gpt_decoder_block_spec, get_gpt_mtp_block_spec,
     )
 
-    from megatron_emoe import elastic_routers, with_elastic_router
+    from megatron_emoe import with_elastic_router
 
     config = builders.moe_config(mtp_num_layers=1, mtp_loss_scaling_factor=0.1)
     elastic = ElasticMoEConfig(mode="emoe", k_ideal=4)
