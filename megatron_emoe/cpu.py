@@ -6,12 +6,16 @@ swap the name `torch` inside a few Megatron modules for a view of torch whose `t
 CPU as the current device and the CPU default generator as the "CUDA" generator.
 """
 
+import functools
 import logging
 import types
 
 import torch
 
 _enabled = False
+
+# Tensor factories that Megatron calls with device="cuda".
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full")
 
 
 def device() -> torch.device:
@@ -32,16 +36,31 @@ class _View(types.ModuleType):
         return getattr(self.__dict__["_base"], name)
 
 
-def _cpu_torch() -> _View:
-    """`torch` as the patched Megatron modules see it: `torch.cuda` means the CPU."""
+def _on_cpu(factory):
+    """A tensor factory that builds on the CPU what it is asked to build on a CUDA device."""
+
+    @functools.wraps(factory)
+    def build(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return factory(*args, device=device, **kwargs)
+
+    return build
+
+
+def _cpu_torch(**cuda_overrides) -> _View:
+    """`torch` as the patched Megatron modules see it: `torch.cuda` means the CPU, and tensors
+    asked for with `device="cuda"` are made on the CPU."""
     cuda = _View(
         torch.cuda,
         current_device=lambda: torch.device("cpu"),  # `device=torch.cuda.current_device()`
         synchronize=lambda device=None: None,  # nothing to wait for on CPU
         get_rng_state=lambda device="cuda": torch.get_rng_state(),  # CudaRNGStatesTracker.add
         manual_seed=torch.manual_seed,  # model_parallel_cuda_manual_seed, CudaRNGStatesTracker.add
+        **cuda_overrides,
     )
-    return _View(torch, cuda=cuda)
+    factories = {name: _on_cpu(getattr(torch, name)) for name in _FACTORIES}
+    return _View(torch, cuda=cuda, **factories)
 
 
 def _default_causal_mask(sq: int) -> torch.Tensor:

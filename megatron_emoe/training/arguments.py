@@ -1,0 +1,82 @@
+"""Flags of the training entry: Megatron-LM's own, the elastic-routing ones, and a few of ours."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from megatron_emoe.arguments import add_elastic_moe_args
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`extra_args_provider` of the entry: elastic-routing flags plus the training extras."""
+    add_elastic_moe_args(parser)
+    group = parser.add_argument_group(title="megatron-emoe training")
+    group.add_argument(
+        "--sft-packed", action="store_true",
+        help="Data prefixes are instruction data written by tools/preprocess_data.py --sft: "
+        "documents are packed into sequences and only response tokens carry loss.",
+    )
+    group.add_argument(
+        "--elastic-eval-budgets", type=int, nargs="+", default=None,
+        help="After training, reload the saved checkpoint and report validation loss at each "
+        "of these numbers of active experts (e.g. 1 2 3 4 5 6).",
+    )
+    group.add_argument(
+        "--elastic-eval-output", type=str, default=None,
+        help="JSON file for the --elastic-eval-budgets table (default: <save>/elastic_eval.json).",
+    )
+    group.add_argument(
+        "--allow-overwrite-save", action="store_true",
+        help="Allow --save to point at a folder holding a checkpoint this run does not resume "
+        "from (its iterations would be overwritten).",
+    )
+    return parser
+
+
+def config_file_argv(path: str | os.PathLike) -> list[str]:
+    """Turn a YAML mapping of Megatron flag names to values into argv (`true` = bare flag)."""
+    with open(path, encoding="utf-8") as f:
+        mapping = yaml.safe_load(f) or {}
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    argv: list[str] = []
+    for name, value in mapping.items():
+        flag = "--" + str(name).lstrip("-").replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def expand_config_argv(argv: Sequence[str]) -> list[str]:
+    """Replace `--config FILE` with the flags the file holds; flags given after it override them."""
+    argv = list(argv)
+    while "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise SystemExit("--config needs a YAML file")
+        argv[i : i + 2] = config_file_argv(argv[i + 1])
+    return argv
+
+
+def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse (without validating) the entry's flags from `argv` (default: sys.argv[1:])."""
+    from megatron.training.arguments import parse_args
+
+    argv = expand_config_argv(sys.argv[1:] if argv is None else argv)
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "pretrain", *argv]
+    try:
+        return parse_args(extra_args_provider=add_training_args)
+    finally:
+        sys.argv = saved

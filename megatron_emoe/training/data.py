@@ -1,0 +1,69 @@
+"""Train/valid/test datasets of the training entry: Megatron indexed data, packed SFT data or mock."""
+
+from __future__ import annotations
+
+
+def dataset_config(args):
+    """Megatron's `GPTDatasetConfig` from the flags (blends, split, sequence length, masks)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.training import get_tokenizer
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        context_parallel_size=args.context_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        sequence_parallel_size=args.tensor_model_parallel_size * args.sequence_parallel,
+    )
+
+
+def dataset_class(args):
+    """GPTDataset for pretraining, PackedSFTDataset for `--sft-packed`, mock data for `--mock-data`."""
+    if args.mock_data:
+        from megatron.core.datasets.gpt_dataset import MockGPTDataset
+
+        return MockGPTDataset
+    if args.sft_packed:
+        from megatron_emoe.data.sft import PackedSFTDataset
+
+        return PackedSFTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    return GPTDataset
+
+
+def train_valid_test_datasets_provider(train_valid_test_num_samples, vp_stage=None):
+    """Megatron's dataset provider hook: build the three splits on the ranks that read data."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.training import get_args, print_rank_0
+
+    args = get_args()
+    print_rank_0("> building train, validation, and test datasets ...")
+    datasets = BlendedMegatronDatasetBuilder(
+        dataset_class(args),
+        train_valid_test_num_samples,
+        lambda: mpu.get_tensor_model_parallel_rank() == 0,
+        dataset_config(args),
+    ).build()
+    print_rank_0("> finished creating datasets ...")
+    return datasets
+
+
+# Megatron builds the datasets on every rank and reads them on TP rank 0 (core datasets path).
+train_valid_test_datasets_provider.is_distributed = True
