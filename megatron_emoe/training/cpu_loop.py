@@ -67,6 +67,22 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _keeping_rng_state(build):
+    """`build` run without moving the CPU generator. A DataLoader draws its base seed from the
+    default generator; on CPU that is also the model's (dropout, EMoE sampling), and a resumed
+    run builds its loaders after restoring the checkpoint's RNG state, an uninterrupted one before."""
+
+    @functools.wraps(build)
+    def run(*args, **kwargs):
+        state = torch.get_rng_state()
+        try:
+            return build(*args, **kwargs)
+        finally:
+            torch.set_rng_state(state)
+
+    return run
+
+
 def enable() -> None:
     """Patch the training loop's CUDA assumptions on CPU; safe to call twice."""
     global _enabled
@@ -95,6 +111,9 @@ def enable() -> None:
     ):
         module.torch = training_torch
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    training.build_train_valid_test_data_iterators = _keeping_rng_state(
+        training.build_train_valid_test_data_iterators
+    )
     training.initialize_megatron = functools.partial(
         initialize.initialize_megatron, allow_no_cuda=True
     )

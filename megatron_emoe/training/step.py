@@ -54,10 +54,31 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
 
 
+_resumed_clocks: set[int] = set()
+
+
+def resume_budget_draws(model) -> None:
+    """Number M-MoE step/layer budget draws on from the micro-batches already trained, once per
+    model: every router draws once per training micro-batch, so after a resume the draw counter is
+    `consumed_train_samples / (micro_batch_size * data_parallel_size)` (batch-size ramps included)."""
+    from megatron.training import get_args
+
+    from megatron_emoe.budget import elastic_routers
+
+    if id(model) in _resumed_clocks or not model.training:
+        return
+    _resumed_clocks.add(id(model))
+    args = get_args()
+    draws = args.consumed_train_samples // (args.micro_batch_size * args.data_parallel_size)
+    for router in elastic_routers(model):
+        router.budget_draws = draws
+
+
 def forward_step(data_iterator, model):
     """Megatron `forward_step_func`: run the model on one micro-batch, return output and loss fn."""
     from megatron.training import get_timers
 
+    resume_budget_draws(model)
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
