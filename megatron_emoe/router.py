@@ -17,10 +17,9 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_emoe import routing
+from megatron_emoe import router_metrics, routing
 from megatron_emoe.config import ElasticMoEConfig, layer_budget, validate_budget
-
-HR_LOSS_NAME = "hierarchical_router_loss"
+from megatron_emoe.router_metrics import HR_LOSS as HR_LOSS_NAME
 
 
 class ElasticRouter(TopKRouter):
@@ -87,6 +86,14 @@ class ElasticRouter(TopKRouter):
     # ---------------------------------------------------------------------------------------
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Return sparse gates and the boolean routing map, both `[tokens, experts]`."""
+        probs, routing_map = self._route(logits, padding_mask)
+        if self.training and torch.is_grad_enabled():  # once per micro-batch, not on recompute
+            router_metrics.record(
+                self, logits.view(-1, self.config.num_moe_experts), routing_map
+            )
+        return probs, routing_map
+
+    def _route(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         self.topk = self.dispatch_topk = self.train_topk
         eval_topk = None if self.training else self.active_topk
         if self.elastic.mode == "topk" and not eval_topk:  # exactly Megatron's top-k

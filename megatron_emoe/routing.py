@@ -129,3 +129,15 @@ def _mix(*values: int) -> int:
         state &= 0xFFFFFFFFFFFFFFFF
         state ^= state >> 31
     return state & 0x7FFFFFFFFFFFFFFF
+
+
+def router_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the router's softmax over all experts; `logits` is `[tokens, experts]`."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1).mean()
+
+
+def load_imbalance(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Busiest expert's load over the mean load (1 = perfectly balanced); input is `[experts]`."""
+    load = tokens_per_expert.float()
+    return load.max() / load.mean().clamp_min(1e-9)

@@ -1,0 +1,109 @@
+"""Checkpoint saves that never damage the previous checkpoint, and the facts a new run checks
+against an existing one (router mode, experts) before it starts."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+
+TRACKER = "latest_checkpointed_iteration.txt"
+STAGING_PREFIX = ".staging-"
+
+
+def iteration_dir(iteration: int) -> str:
+    """Megatron's folder name for a global checkpoint at `iteration`."""
+    return f"iter_{iteration:07d}"
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Write `path` through a temporary file and a rename: readers see the old or the new text."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def publish(save_dir: str, staging_dir: str, iteration: int) -> None:
+    """Move a finished staged save into `save_dir` and point the tracker at it (rank 0 only).
+
+    An existing folder of the same iteration is swapped out, not written over, and removed only
+    once the new one and the tracker are in place."""
+    final = os.path.join(save_dir, iteration_dir(iteration))
+    incoming = f"{final}.incoming"
+    outgoing = f"{final}.outgoing"
+    for leftover in (incoming, outgoing):
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.replace(os.path.join(staging_dir, iteration_dir(iteration)), incoming)
+    if os.path.exists(final):
+        os.replace(final, outgoing)
+    os.replace(incoming, final)
+    write_text_atomically(os.path.join(save_dir, TRACKER), str(iteration))
+    shutil.rmtree(outgoing, ignore_errors=True)
+    shutil.rmtree(staging_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _save_dir_swapped(args, path: str):
+    saved = args.save
+    args.save = path
+    try:
+        yield
+    finally:
+        args.save = saved
+
+
+def staged(save_checkpoint):
+    """Wrap Megatron's `save_checkpoint` so each global save goes to a staging folder first and is
+    published only when every rank has finished; a failed or killed save leaves the previous
+    checkpoint and the tracker as they were. Async and non-persistent saves pass through."""
+
+    @functools.wraps(save_checkpoint)
+    def save(iteration, *args_, **kwargs):
+        import torch
+        from megatron.training import get_args
+
+        args = get_args()
+        if args.async_save or kwargs.get("non_persistent_ckpt") or kwargs.get("release"):
+            return save_checkpoint(iteration, *args_, **kwargs)
+        staging_dir = os.path.join(args.save, f"{STAGING_PREFIX}{iteration_dir(iteration)}")
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            shutil.rmtree(staging_dir, ignore_errors=True)  # a save that died before
+            os.makedirs(staging_dir)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        with _save_dir_swapped(args, staging_dir):
+            result = save_checkpoint(iteration, *args_, **kwargs)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if rank == 0:
+            publish(args.save, staging_dir, iteration)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return result
+
+    return save
+
+
+def latest_iteration(checkpoint_dir: str | None) -> int | None:
+    """The iteration Megatron's tracker in `checkpoint_dir` names, or None when there is none."""
+    if not checkpoint_dir:
+        return None
+    tracker = os.path.join(checkpoint_dir, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    text = open(tracker).read().strip()
+    return 0 if text == "release" else int(text)
+
+
+def checkpoint_args(checkpoint_dir: str):
+    """The training flags (`argparse.Namespace`) saved with the latest checkpoint in `checkpoint_dir`."""
+    from megatron.core import dist_checkpointing
+
+    text = open(os.path.join(checkpoint_dir, TRACKER)).read().strip()
+    name = "release" if text == "release" else iteration_dir(int(text))
+    return dist_checkpointing.load_common_state_dict(os.path.join(checkpoint_dir, name)).get("args")

@@ -1,0 +1,124 @@
+"""Bad input to the training entry, rejected with the flag and the allowed values before any work."""
+
+from __future__ import annotations
+
+import os
+
+from megatron_emoe.training.checkpoints import checkpoint_args, latest_iteration
+
+# Flags a resumed run must share with its checkpoint (a fine-tune may change the router mode).
+_RESUME_MUST_MATCH = {"num_experts": "--num-experts", "moe_router_mode": "--moe-router-mode"}
+_FINETUNE_MUST_MATCH = {"num_experts": "--num-experts"}
+
+
+class TrainingInputError(ValueError):
+    """A flag value the run cannot start with."""
+
+
+def _data_prefixes(args) -> list[tuple[str, list[str]]]:
+    """(flag, prefixes) for every data flag given; blend weights are dropped."""
+    found = []
+    for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        values = getattr(args, flag, None)
+        if values:
+            prefixes = [v for v in values if not _is_number(v)]
+            found.append(("--" + flag.replace("_", "-"), prefixes))
+    return found
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_data(args, tokenizer_vocab_size: int) -> None:
+    """Data files exist and were made with this tokenizer (sequence lengths are checked too)."""
+    from megatron_emoe.data.checks import check_data_prefixes
+
+    if args.mock_data:
+        return
+    if args.data_args_path or args.per_split_data_args_path:
+        return  # Megatron reads these files itself
+    prefixes = _data_prefixes(args)
+    if not prefixes:
+        raise TrainingInputError("no training data: pass --data-path PREFIX (or --mock-data)")
+    for flag, values in prefixes:
+        check_data_prefixes(
+            values, tokenizer_vocab_size=tokenizer_vocab_size, sft=args.sft_packed, flag=flag
+        )
+
+
+def check_sequence_length(args) -> None:
+    """--seq-length must fit the model's --max-position-embeddings."""
+    if args.max_position_embeddings is not None and args.seq_length > args.max_position_embeddings:
+        raise TrainingInputError(
+            f"--seq-length {args.seq_length} is above the model's --max-position-embeddings "
+            f"{args.max_position_embeddings}: use 1 <= --seq-length <= {args.max_position_embeddings}"
+        )
+
+
+def check_checkpoints(args) -> None:
+    """Resuming or fine-tuning must match the checkpoint; --save must not overwrite unasked."""
+    loaded = latest_iteration(args.load)
+    if args.load and loaded is None and args.finetune:
+        raise TrainingInputError(
+            f"--finetune --load {args.load}: no checkpoint there "
+            f"(expected {os.path.join(args.load, 'latest_checkpointed_iteration.txt')})"
+        )
+    if loaded is not None:
+        _check_matches(args, checkpoint_args(args.load), args.load,
+                       _FINETUNE_MUST_MATCH if args.finetune else _RESUME_MUST_MATCH)
+    saved = latest_iteration(args.save)
+    resuming_from_save = (
+        args.load and os.path.realpath(args.load) == os.path.realpath(args.save) and not args.finetune
+    )
+    if saved is not None and not resuming_from_save and not args.allow_overwrite_save:
+        raise TrainingInputError(
+            f"--save {args.save} already holds a checkpoint (iteration {saved}) that this run does "
+            f"not resume from, so its iterations could be overwritten: resume with --load "
+            f"{args.save}, choose another --save, or pass --allow-overwrite-save"
+        )
+
+
+def _check_matches(args, saved, where: str, fields: dict[str, str]) -> None:
+    if saved is None:
+        return
+    for field, flag in fields.items():
+        ours, theirs = getattr(args, field, None), getattr(saved, field, None)
+        if field == "moe_router_mode":
+            theirs = theirs or "topk"  # checkpoints of plain Megatron route with top-k
+        if ours != theirs:
+            action = "fine-tune from" if args.finetune else "resume"
+            raise TrainingInputError(
+                f"{flag} {ours} does not match the checkpoint in {where} ({flag} {theirs}): "
+                f"to {action} it, pass {flag} {theirs}"
+            )
+
+
+def check_budgets(args) -> None:
+    """--elastic-eval-budgets needs a checkpoint to reload and budgets within 1..--num-experts."""
+    if not args.elastic_eval_budgets:
+        return
+    if not args.save:
+        raise TrainingInputError("--elastic-eval-budgets reloads the saved model: pass --save DIR")
+    limit = args.num_experts or 0
+    for k in args.elastic_eval_budgets:
+        if not 1 <= k <= limit:
+            raise TrainingInputError(
+                f"--elastic-eval-budgets {k}: each budget must be in [1, {limit}] (--num-experts)"
+            )
+
+
+def check_before_parsing_done(args) -> None:
+    """Checks that need only the parsed flags (run before Megatron builds anything)."""
+    check_sequence_length(args)
+    check_budgets(args)
+
+
+def check_before_training(args, tokenizer_vocab_size: int) -> None:
+    """Checks that need the tokenizer: data files, then checkpoints."""
+    check_data(args, tokenizer_vocab_size)
+    check_checkpoints(args)

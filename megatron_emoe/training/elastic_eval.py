@@ -1,0 +1,96 @@
+"""After training: reload the saved checkpoint and report validation loss at each budget k'."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+
+from megatron_emoe.training.checkpoints import write_text_atomically
+
+
+@contextlib.contextmanager
+def _loading_weights_only(args):
+    """Flags `load_checkpoint` reads, set so that it loads just the model from `--save`."""
+    names = ("finetune", "no_load_optim", "no_load_rng")
+    saved = {name: getattr(args, name) for name in names}
+    args.finetune, args.no_load_optim, args.no_load_rng = False, True, True
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(args, name, value)
+
+
+def _validation_iterator_factory(args, datasets_provider):
+    """A function giving a fresh iterator over the same validation batches on every call."""
+    from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+
+    num_valid = args.eval_iters * args.global_batch_size
+    _, valid, _ = datasets_provider((1, num_valid, 1))
+    if valid is None:
+        raise ValueError("--elastic-eval-budgets needs a validation split (see --split)")
+    return lambda: iter(build_pretraining_data_loader(valid, 0))
+
+
+def evaluate_budgets(model, forward_step, budgets, make_iterator) -> dict[int, float]:
+    """Validation LM loss (nats/token) of `model` at each number of active experts."""
+    from megatron.core.utils import get_model_config
+    from megatron.training.training import evaluate
+
+    from megatron_emoe.budget import set_active_experts
+
+    losses = {}
+    try:
+        for k in budgets:
+            set_active_experts(model, k)
+            loss_dict, _, _ = evaluate(
+                forward_step, make_iterator(), model, None, get_model_config(model[0])
+            )
+            losses[k] = float(loss_dict["lm loss"])
+    finally:
+        set_active_experts(model, None)
+    return losses
+
+
+def format_table(losses: dict[int, float], train_topk: int) -> str:
+    """The budget table the demo prints: loss and perplexity per k', the training k marked."""
+    rows = [f"{'k_prime':>8} {'val_loss':>10} {'val_ppl':>10}"]
+    for k, loss in losses.items():
+        mark = "  <- trained k" if k == train_topk else ""
+        rows.append(f"{k:>8} {loss:>10.4f} {math.exp(min(loss, 50)):>10.2f}{mark}")
+    return "\n".join(rows)
+
+
+def run(args, model_config, datasets_provider, forward_step) -> dict[int, float]:
+    """Build the model, load the latest checkpoint in --save, evaluate every budget, report."""
+    import torch
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training import print_rank_0
+    from megatron.training.checkpointing import load_checkpoint
+
+    builder = model_config.get_builder_cls()(model_config)
+    model = builder.build_distributed_models(
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(), wrap_with_ddp=False
+    )
+    with _loading_weights_only(args):
+        load_checkpoint(model, None, None, load_arg="save")
+    losses = evaluate_budgets(
+        model, forward_step, args.elastic_eval_budgets,
+        _validation_iterator_factory(args, datasets_provider),
+    )
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print_rank_0("validation loss by number of active experts (from the saved checkpoint):")
+        print_rank_0(format_table(losses, args.moe_router_topk))
+        output = args.elastic_eval_output or os.path.join(args.save, "elastic_eval.json")
+        record = {
+            "iteration": args.iteration,
+            "router_mode": args.moe_router_mode,
+            "train_topk": args.moe_router_topk,
+            "num_experts": args.num_experts,
+            "eval_tokens": args.eval_iters * args.global_batch_size * args.seq_length,
+            "val_loss": {str(k): v for k, v in losses.items()},
+        }
+        write_text_atomically(output, json.dumps(record, indent=2) + "\n")
+    return losses
