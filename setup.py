@@ -18,6 +18,14 @@ setup(
         "numpy",
         "packaging",
         "psutil",  # dist_checkpointing needs it
+        "pyyaml",  # --config files
+        "tensorboard",  # router metrics and losses
+        # data tools: reading JSONL/Parquet/text, Hugging Face tokenizers, progress bars
+        "datasets",
+        "pyarrow",
+        "tokenizers",
+        "transformers",
+        "tqdm",
     ],
     extras_require={
         # Transformer Engine's torch binding builds from source against CUDA: GPU machines only.
