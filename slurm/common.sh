@@ -1,0 +1,548 @@
+# shellcheck shell=bash
+# Shared machinery of the megatron-emoe Slurm scripts (sourced by slurm/*.sbatch, never run).
+#
+# What lives here, once: required-variable checks, the rendezvous from Slurm's variables, the
+# NCCL/PyTorch environment, the model and parallelism flags both scripts share (so a fine-tuning
+# run builds exactly the model that pretraining saved), FP8 and exit-duration flags, rendering of
+# the launcher and training commands, the dry run, and requeue-and-resume.
+#
+# A script sources this file, appends its own flags to the array EMOE_ARGS with the helpers
+# below, then calls `emoe_launch "$@"` (its trailing arguments become extra Megatron flags; given
+# last, they override the script's own). Every variable is read as ${VAR:-default}, so anything
+# can be set from the environment (`VAR=... sbatch ...` or `sbatch --export=ALL,VAR=...`).
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------------
+emoe_log() { printf '[emoe %s] %s\n' "$(date '+%F %T')" "$*" >&2; }
+
+emoe_die() {
+    printf 'ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+emoe_dry_run() { [[ ${DRY_RUN:-0} != 0 && -n ${DRY_RUN:-} ]]; }
+
+# emoe_require NAME "what it is": stop with a clear message when NAME is unset or empty.
+emoe_require() {
+    local name=$1 what=$2
+    if [[ -z ${!name:-} ]]; then
+        emoe_die "$name is not set: $what. Export it before sbatch (or use sbatch --export=ALL,$name=...)."
+    fi
+}
+
+# emoe_is_int NAME...: every named variable holds a non-negative integer.
+emoe_is_int() {
+    local name
+    for name in "$@"; do
+        [[ ${!name} =~ ^[0-9]+$ ]] || emoe_die "$name must be a non-negative integer, got '${!name}'"
+    done
+}
+
+# emoe_quote ARG...: one line, each argument quoted so that both bash and Python's shlex.split
+# read it back unchanged (plain words as they are, anything else in single quotes).
+emoe_quote() {
+    local arg out=() q="'\\''"
+    for arg in "$@"; do
+        if [[ -n $arg && $arg =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+            out+=("$arg")
+        else
+            out+=("'${arg//\'/$q}'")
+        fi
+    done
+    printf '%s\n' "${out[*]}"
+}
+
+# emoe_first_host NODELIST: the first host of a Slurm node list, without scontrol.
+# Handles "node07", "node[01-04]", "node[01-04,07],gpu[1-2]", "a,b", "rack[1-2]-n[3-4]".
+emoe_first_host() {
+    local list=$1 host="" c i depth=0
+    for ((i = 0; i < ${#list}; i++)); do
+        c=${list:i:1}
+        if [[ $c == '[' ]]; then
+            depth=$((depth + 1))
+        elif [[ $c == ']' ]]; then
+            depth=$((depth - 1))
+        elif [[ $c == ',' && $depth == 0 ]]; then
+            break
+        fi
+        host+=$c
+    done
+    local pre rest group post
+    while [[ $host == *'['*']'* ]]; do
+        pre=${host%%\[*}
+        rest=${host#*\[}
+        group=${rest%%\]*}
+        post=${rest#*\]}
+        group=${group%%,*}
+        group=${group%%-*}
+        host=$pre$group$post
+    done
+    printf '%s\n' "$host"
+}
+
+# emoe_slurm_time_to_secs "[D-]HH:MM:SS" | "MM:SS" | "MM" -> seconds (empty for UNLIMITED etc.).
+emoe_slurm_time_to_secs() {
+    local t=$1 days=0 h=0 m=0 s=0
+    [[ $t =~ ^[0-9-]+(:[0-9]+)*$ ]] || return 0
+    if [[ $t == *-* ]]; then
+        days=${t%%-*}
+        t=${t#*-}
+        IFS=: read -r h m s <<<"$t"
+    else
+        local parts
+        IFS=: read -r -a parts <<<"$t"
+        case ${#parts[@]} in
+            1) m=${parts[0]} ;;
+            2) m=${parts[0]} s=${parts[1]} ;;
+            *) h=${parts[0]} m=${parts[1]} s=${parts[2]} ;;
+        esac
+    fi
+    echo $((10#${days:-0} * 86400 + 10#${h:-0} * 3600 + 10#${m:-0} * 60 + 10#${s:-0}))
+}
+
+# emoe_argv_value FLAG ARG...: the value of the last FLAG (or FLAG=value) among ARG...
+emoe_argv_value() {
+    local flag=$1 value="" prev=""
+    shift
+    local arg
+    for arg in "$@"; do
+        if [[ $prev == "$flag" ]]; then
+            value=$arg
+        elif [[ $arg == "$flag="* ]]; then
+            value=${arg#*=}
+        fi
+        prev=$arg
+    done
+    printf '%s\n' "$value"
+}
+
+# emoe_abspath PATH: PATH made absolute and free of symlinks (need not exist).
+emoe_abspath() { realpath -m -- "$1" 2>/dev/null || printf '%s\n' "$1"; }
+
+# emoe_checkpoint_iteration DIR: the iteration of DIR's latest checkpoint ("" if none).
+emoe_checkpoint_iteration() {
+    local tracker=$1/latest_checkpointed_iteration.txt
+    [[ -f $tracker ]] || return 0
+    tr -d '[:space:]' <"$tracker"
+    echo
+}
+
+# ------------------------------------------------------------------------------------------------
+# Rendezvous: who is the master, on which port, how many nodes and GPUs.
+# ------------------------------------------------------------------------------------------------
+emoe_setup_rendezvous() {
+    emoe_require SLURM_JOB_ID "not inside a Slurm job: submit with sbatch (a dry run needs fake SLURM_* variables)"
+    NNODES=${NNODES:-${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}}
+    GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+    emoe_is_int NNODES GPUS_PER_NODE SLURM_JOB_ID
+    WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
+
+    if [[ -z ${MASTER_ADDR:-} ]]; then
+        emoe_require SLURM_JOB_NODELIST "the job's node list (or set MASTER_ADDR)"
+        if command -v scontrol >/dev/null 2>&1; then
+            MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n1 || true)
+        fi
+        if [[ -z ${MASTER_ADDR:-} ]]; then
+            MASTER_ADDR=$(emoe_first_host "$SLURM_JOB_NODELIST")
+        fi
+    fi
+    # One port per job (and per requeue, so a restarted job never meets its old store).
+    MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + ${SLURM_RESTART_COUNT:-0}) % 20000))}
+    emoe_is_int MASTER_PORT
+    export MASTER_ADDR MASTER_PORT
+}
+
+# ------------------------------------------------------------------------------------------------
+# Environment of the training processes (srun passes the batch environment on to every node).
+# ------------------------------------------------------------------------------------------------
+# Site hooks: exported (and shown by the dry run) only when set, e.g. NCCL_SOCKET_IFNAME=ib0.
+EMOE_SITE_VARS=(NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_GID_INDEX NCCL_IB_TIMEOUT
+    NCCL_IB_RETRY_CNT NCCL_IB_SL NCCL_IB_DISABLE NCCL_NET NCCL_NET_GDR_LEVEL NCCL_CROSS_NIC
+    NCCL_COLLNET_ENABLE NCCL_NVLS_ENABLE NCCL_ALGO NCCL_PROTO NCCL_DEBUG_SUBSYS NCCL_TOPO_FILE
+    UCX_NET_DEVICES TORCH_NCCL_TRACE_BUFFER_SIZE TORCH_NCCL_DUMP_ON_TIMEOUT NVTE_FUSED_ATTN
+    NVTE_FLASH_ATTN HF_HOME HF_HUB_OFFLINE TRITON_CACHE_DIR)
+EMOE_ENV_VARS=()
+
+emoe_setup_env() {
+    # Megatron overlaps communication with compute only with a single hardware queue.
+    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+    # Fail a rank on an NCCL error or timeout instead of hanging until the time limit.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+    export PYTHONUNBUFFERED=1
+    # How long torchrun lets its workers finish (save a checkpoint) after it gets SIGTERM before it
+    # kills them. Read by torchrun since PyTorch 2.12 (pytorch#172596); older torchrun always
+    # allows 30 s, so with a slow file system use LAUNCHER=srun there.
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-230}
+    if [[ -n ${NCCL_SOCKET_IFNAME:-} && -z ${GLOO_SOCKET_IFNAME:-} ]]; then
+        export GLOO_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME
+    fi
+    export PYTHONPATH=$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}
+    EMOE_ENV_VARS=(MASTER_ADDR MASTER_PORT CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING
+        TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_DEBUG OMP_NUM_THREADS PYTHONUNBUFFERED
+        TORCH_ELASTIC_SHUTDOWN_TIMEOUT PYTHONPATH)
+    local name
+    for name in "${EMOE_SITE_VARS[@]}"; do
+        if [[ -n ${!name:-} ]]; then
+            export "${name?}"
+            EMOE_ENV_VARS+=("$name")
+        fi
+    done
+}
+
+# ------------------------------------------------------------------------------------------------
+# Flags shared by both scripts. Each helper appends to EMOE_ARGS.
+# ------------------------------------------------------------------------------------------------
+EMOE_ARGS=()
+
+# Model: by default an OLMoE-1B-7B-sized MoE (16 layers, hidden 2048, 64 experts of width 1024,
+# top-8; ~7B parameters, ~1.3B active per token).
+emoe_model_args() {
+    NUM_LAYERS=${NUM_LAYERS:-16}
+    HIDDEN_SIZE=${HIDDEN_SIZE:-2048}
+    NUM_ATTENTION_HEADS=${NUM_ATTENTION_HEADS:-16}
+    NUM_QUERY_GROUPS=${NUM_QUERY_GROUPS:-} # set (e.g. 4) for grouped-query attention
+    SEQ_LENGTH=${SEQ_LENGTH:-4096}
+    ROTARY_BASE=${ROTARY_BASE:-10000}
+    NUM_EXPERTS=${NUM_EXPERTS:-64}
+    MOE_FFN_HIDDEN_SIZE=${MOE_FFN_HIDDEN_SIZE:-1024}
+    TOPK=${TOPK:-8}
+    MOE_AUX_LOSS_COEFF=${MOE_AUX_LOSS_COEFF:-1e-2}
+    MOE_Z_LOSS_COEFF=${MOE_Z_LOSS_COEFF:-1e-3}
+    emoe_is_int NUM_LAYERS HIDDEN_SIZE NUM_ATTENTION_HEADS SEQ_LENGTH NUM_EXPERTS MOE_FFN_HIDDEN_SIZE TOPK
+    EMOE_ARGS+=(
+        --num-layers "$NUM_LAYERS"
+        --hidden-size "$HIDDEN_SIZE"
+        --num-attention-heads "$NUM_ATTENTION_HEADS"
+        --seq-length "$SEQ_LENGTH"
+        --max-position-embeddings "$SEQ_LENGTH"
+        --position-embedding-type rope
+        --rotary-base "$ROTARY_BASE"
+        --normalization RMSNorm
+        --qk-layernorm
+        --swiglu
+        --disable-bias-linear
+        --untie-embeddings-and-output-weights
+        --attention-dropout 0.0
+        --hidden-dropout 0.0
+        --init-method-std 0.02
+        --num-experts "$NUM_EXPERTS"
+        --moe-ffn-hidden-size "$MOE_FFN_HIDDEN_SIZE"
+        --moe-router-topk "$TOPK"
+        --moe-router-load-balancing-type aux_loss
+        --moe-aux-loss-coeff "$MOE_AUX_LOSS_COEFF"
+        --moe-z-loss-coeff "$MOE_Z_LOSS_COEFF"
+        --moe-router-dtype fp32
+        --moe-grouped-gemm
+        --moe-token-dispatcher-type alltoall
+        --moe-permute-fusion
+        --transformer-impl transformer_engine
+        --bf16
+    )
+    if [[ -n $NUM_QUERY_GROUPS ]]; then
+        EMOE_ARGS+=(--group-query-attention --num-query-groups "$NUM_QUERY_GROUPS")
+    fi
+}
+
+# Parallelism and optimizer sharding. EP is the expert-parallel size.
+emoe_parallel_args() {
+    TP=${TP:-1}
+    PP=${PP:-1}
+    CP=${CP:-1}
+    EP=${EP:-8}
+    ETP=${ETP:-1}
+    emoe_is_int TP PP CP EP ETP
+    EMOE_ARGS+=(
+        --tensor-model-parallel-size "$TP"
+        --pipeline-model-parallel-size "$PP"
+        --context-parallel-size "$CP"
+        --expert-model-parallel-size "$EP"
+        --expert-tensor-parallel-size "$ETP"
+        --use-distributed-optimizer
+        --overlap-grad-reduce
+        --overlap-param-gather
+        --distributed-timeout-minutes "${DIST_TIMEOUT_MINS:-30}"
+    )
+    if ((TP > 1)); then
+        EMOE_ARGS+=(--sequence-parallel)
+    fi
+}
+
+# FP8 behind one variable: FP8=hybrid (or e4m3) turns it on, FP8_RECIPE picks the scaling.
+emoe_fp8_args() {
+    FP8=${FP8:-}
+    FP8_RECIPE=${FP8_RECIPE:-delayed}
+    case ${FP8,,} in
+        "" | 0 | no | none | off | false) return 0 ;;
+        hybrid | e4m3) ;;
+        *) emoe_die "FP8 must be hybrid, e4m3 or empty (off), got '$FP8'" ;;
+    esac
+    case $FP8_RECIPE in
+        delayed | tensorwise | blockwise | mxfp8) ;;
+        *) emoe_die "FP8_RECIPE must be delayed, tensorwise, blockwise or mxfp8, got '$FP8_RECIPE'" ;;
+    esac
+    # Pad each expert's token count to FP8 GEMM alignment in the router (needed by grouped GEMM).
+    EMOE_ARGS+=(--fp8-format "${FP8,,}" --fp8-recipe "$FP8_RECIPE" --moe-router-padding-for-quantization)
+}
+
+# Data and tokenizer. DATA_PREFIX may be a blend: "0.7 /data/a_text_document 0.3 /data/b_text_document".
+emoe_data_args() {
+    emoe_require DATA_PREFIX "$1"
+    emoe_require TOKENIZER "the tokenizer: a Hugging Face tokenizer folder or name (TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer})"
+    local prefixes word
+    read -r -a prefixes <<<"$DATA_PREFIX"
+    if ! emoe_dry_run && [[ ${CHECK_PATHS:-1} != 0 ]]; then
+        for word in "${prefixes[@]}"; do
+            [[ $word =~ ^[0-9.eE+-]+$ ]] && continue # a blend weight
+            [[ -f $word.bin && -f $word.idx ]] || emoe_die "DATA_PREFIX: no $word.bin/.idx (give the prefix without extension; CHECK_PATHS=0 skips this check)"
+        done
+    fi
+    EMOE_ARGS+=(
+        --data-path "${prefixes[@]}"
+        --split "${SPLIT:-99,1,0}"
+        --tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}"
+        --tokenizer-model "$TOKENIZER"
+        --data-cache-path "${DATA_CACHE:-$OUTPUT_DIR/data_cache}"
+        --num-workers "${NUM_WORKERS:-2}"
+    )
+}
+
+# Learning-rate schedule, batch sizes, logging, evaluation.
+emoe_schedule_args() {
+    MBS=${MBS:-1}
+    GBS=${GBS:-256}
+    emoe_is_int MBS GBS TRAIN_ITERS WARMUP_ITERS SAVE_INTERVAL
+    EMOE_ARGS+=(
+        --micro-batch-size "$MBS"
+        --global-batch-size "$GBS"
+        --train-iters "$TRAIN_ITERS"
+        --lr "$LR"
+        --min-lr "$MIN_LR"
+        --lr-decay-style cosine
+        --lr-warmup-iters "$WARMUP_ITERS"
+        --weight-decay "${WEIGHT_DECAY:-0.1}"
+        --adam-beta1 0.9
+        --adam-beta2 0.95
+        --clip-grad 1.0
+        --log-interval "${LOG_INTERVAL:-10}"
+        --log-throughput
+        --eval-interval "${EVAL_INTERVAL:-1000}"
+        --eval-iters "${EVAL_ITERS:-20}"
+        --tensorboard-dir "${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}"
+        --seed "${SEED:-1234}"
+    )
+}
+
+# Checkpointing: distributed (torch_dist) checkpoints, resharded on load when the parallel layout
+# changes; --exit-signal-handler makes Megatron save a checkpoint and exit after SIGTERM.
+emoe_checkpoint_args() {
+    local save=$1
+    EMOE_ARGS+=(
+        --save "$save"
+        --save-interval "$SAVE_INTERVAL"
+        --ckpt-format torch_dist
+        --ckpt-fully-parallel-load
+        --exit-signal-handler
+    )
+    EXIT_MARGIN_MINS=${EXIT_MARGIN_MINS:-10}
+    emoe_is_int EXIT_MARGIN_MINS
+    if [[ -n ${EXIT_DURATION_MINS:-} && ! $EXIT_DURATION_MINS =~ ^[0-9]+$ ]]; then
+        emoe_die "EXIT_DURATION_MINS must be whole minutes (0: never), got '$EXIT_DURATION_MINS'"
+    fi
+    local mins
+    mins=$(emoe_exit_duration_mins)
+    if [[ -n $mins ]]; then
+        EMOE_ARGS+=(--exit-duration-in-mins "$mins")
+    fi
+}
+
+# Minutes Megatron may train before it saves and exits by itself: EXIT_DURATION_MINS if set (0 =
+# never), else the job's remaining time less EXIT_MARGIN_MINS (from SLURM_JOB_END_TIME, or squeue).
+emoe_exit_duration_mins() {
+    if [[ -n ${EXIT_DURATION_MINS:-} ]]; then
+        if [[ $EXIT_DURATION_MINS != 0 ]]; then echo "$EXIT_DURATION_MINS"; fi
+        return 0
+    fi
+    local left="" margin=$EXIT_MARGIN_MINS
+    if [[ ${SLURM_JOB_END_TIME:-} =~ ^[0-9]+$ ]]; then
+        left=$((SLURM_JOB_END_TIME - $(date +%s)))
+    elif command -v squeue >/dev/null 2>&1; then
+        left=$(emoe_slurm_time_to_secs "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null | head -n1)")
+    fi
+    [[ -n $left ]] || return 0
+    local mins=$((left / 60 - margin))
+    if ((mins >= 1)); then echo "$mins"; fi
+}
+
+# ------------------------------------------------------------------------------------------------
+# Rendering, dry run, launch, requeue-and-resume.
+# ------------------------------------------------------------------------------------------------
+# LAUNCHER=torchrun (default): one torchrun per node, c10d rendezvous on MASTER_ADDR:MASTER_PORT.
+# LAUNCHER=srun: one task per GPU, no torchrun; each task gets RANK/LOCAL_RANK/WORLD_SIZE from
+# Slurm (submit with --ntasks-per-node=$GPUS_PER_NODE).
+emoe_render_launcher() {
+    local srun_extra=() cpus=${CPUS_PER_TASK:-}
+    read -r -a srun_extra <<<"${SRUN_EXTRA_ARGS:-}"
+    EMOE_LAUNCH_CMD=(srun --nodes="$NNODES" --kill-on-bad-exit=1)
+    case ${LAUNCHER:-torchrun} in
+        torchrun)
+            cpus=${cpus:-${SLURM_CPUS_ON_NODE:-}}
+            EMOE_LAUNCH_CMD+=(--ntasks="$NNODES" --ntasks-per-node=1)
+            [[ -n $cpus ]] && EMOE_LAUNCH_CMD+=(--cpus-per-task="$cpus")
+            EMOE_LAUNCH_CMD+=(${srun_extra[@]+"${srun_extra[@]}"}
+                "${TORCHRUN:-torchrun}"
+                --nnodes "$NNODES"
+                --nproc-per-node "$GPUS_PER_NODE"
+                --rdzv-backend c10d
+                --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
+                --rdzv-id "$SLURM_JOB_ID"
+                --max-restarts 0
+            )
+            ;;
+        srun)
+            if [[ -z $cpus && ${SLURM_CPUS_ON_NODE:-} =~ ^[0-9]+$ ]]; then
+                cpus=$((SLURM_CPUS_ON_NODE / GPUS_PER_NODE))
+            fi
+            EMOE_LAUNCH_CMD+=(--ntasks="$WORLD_SIZE" --ntasks-per-node="$GPUS_PER_NODE")
+            [[ -n $cpus && $cpus != 0 ]] && EMOE_LAUNCH_CMD+=(--cpus-per-task="$cpus")
+            # shellcheck disable=SC2016 # expanded by the task's bash, not here
+            EMOE_LAUNCH_CMD+=(${srun_extra[@]+"${srun_extra[@]}"}
+                bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"'
+                emoe-task "${PYTHON:-python}"
+            )
+            ;;
+        *) emoe_die "LAUNCHER must be torchrun or srun, got '${LAUNCHER}'" ;;
+    esac
+}
+
+EMOE_REQUEUE=0     # set by the USR1 trap: checkpoint, then requeue
+EMOE_TERMINATING=0 # set by the TERM trap: cancelled or preempted, do not requeue
+EMOE_STEP_PID=""
+EMOE_WATCHDOG_PID=""
+
+# Ask the training step to checkpoint and exit. Not `kill $srun_pid`: srun turns SIGTERM into
+# SIGKILL for its tasks. `scancel --signal` reaches every process of the job's steps (torchrun,
+# the Python workers and their data-loader workers) but not this batch shell.
+_emoe_signal_step() {
+    scancel --signal="$1" "$SLURM_JOB_ID" || emoe_log "scancel --signal=$1 $SLURM_JOB_ID failed"
+}
+
+_emoe_requeue() {
+    emoe_log "requeueing job $SLURM_JOB_ID: $1"
+    scontrol requeue "$SLURM_JOB_ID" || emoe_log "scontrol requeue $SLURM_JOB_ID failed (was the job submitted with --requeue?)"
+}
+
+_emoe_on_usr1() {
+    emoe_log "got SIGUSR1 (time limit or preemption ahead): asking the training step to save a checkpoint and exit"
+    if [[ $EMOE_REQUEUE == 1 ]]; then return 0; fi
+    EMOE_REQUEUE=1
+    _emoe_signal_step TERM
+    # If the step is not done in time, requeue anyway: the last complete checkpoint is still there.
+    local after=${REQUEUE_WATCHDOG_S:-240}
+    if [[ $after =~ ^[0-9]+$ && $after != 0 ]]; then
+        (
+            sleep "$after"
+            _emoe_requeue "the training step is still running ${after}s after SIGTERM"
+        ) &
+        EMOE_WATCHDOG_PID=$!
+    fi
+}
+
+_emoe_on_term() {
+    emoe_log "got SIGTERM (job cancelled or preempted): letting the training step save and exit; no requeue"
+    EMOE_TERMINATING=1
+}
+
+# Should a cleanly finished step be followed by another job? Yes when training stopped before its
+# last iteration (--exit-duration-in-mins) and requeueing is allowed.
+_emoe_unfinished() {
+    local save iters done_iter
+    save=$(emoe_argv_value --save "${EMOE_TRAIN_CMD[@]}")
+    iters=$(emoe_argv_value --train-iters "${EMOE_TRAIN_CMD[@]}")
+    done_iter=$(emoe_checkpoint_iteration "$save")
+    [[ $iters =~ ^[0-9]+$ && $done_iter =~ ^[0-9]+$ ]] && ((10#$done_iter < 10#$iters))
+}
+
+emoe_print_dry_run() {
+    local name
+    echo "# megatron-emoe dry run of ${EMOE_SCRIPT_NAME:-slurm script}: nothing is launched"
+    echo "=== EMOE_ENV ==="
+    for name in "${EMOE_ENV_VARS[@]}"; do
+        printf '%s=%s\n' "$name" "$(emoe_quote "${!name}")"
+    done
+    echo "=== EMOE_LAUNCHER ==="
+    emoe_quote "${EMOE_LAUNCH_CMD[@]}"
+    echo "=== EMOE_TRAINING ==="
+    emoe_quote "${EMOE_TRAIN_CMD[@]}"
+    echo "=== EMOE_RESUME ==="
+    echo "${EMOE_RESUME_NOTE:-}"
+    echo "=== EMOE_END ==="
+}
+
+# emoe_launch EXTRA_FLAG...: render the commands; print them (DRY_RUN=1) or run them with
+# requeue-and-resume.
+emoe_launch() {
+    ENTRY=${ENTRY:-$REPO_DIR/examples/pretrain_gpt_emoe.py}
+    emoe_render_launcher
+    EMOE_TRAIN_CMD=("$ENTRY" "${EMOE_ARGS[@]}" "$@")
+    if emoe_dry_run; then
+        emoe_print_dry_run
+        return 0
+    fi
+
+    [[ -f $ENTRY ]] || emoe_die "ENTRY=$ENTRY does not exist"
+    mkdir -p "$OUTPUT_DIR"
+    emoe_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s) x $GPUS_PER_NODE GPU(s), master $MASTER_ADDR:$MASTER_PORT"
+    emoe_log "${EMOE_RESUME_NOTE:-}"
+    emoe_log "launcher: $(emoe_quote "${EMOE_LAUNCH_CMD[@]}")"
+    emoe_log "training: $(emoe_quote "${EMOE_TRAIN_CMD[@]}")"
+
+    trap _emoe_on_usr1 USR1
+    trap _emoe_on_term TERM
+    # In the background, so that the traps run while the step is running (bash runs a trap only
+    # between commands, and `wait` returns early for one).
+    "${EMOE_LAUNCH_CMD[@]}" "${EMOE_TRAIN_CMD[@]}" &
+    EMOE_STEP_PID=$!
+    local rc
+    while :; do
+        rc=0
+        wait "$EMOE_STEP_PID" || rc=$?
+        if ((rc > 128)) && kill -0 "$EMOE_STEP_PID" 2>/dev/null; then
+            continue # woken by a trap; the step is still running
+        fi
+        break
+    done
+    trap 'EMOE_REQUEUE=1' USR1 # too late to signal the step; still requeue
+    if [[ -n $EMOE_WATCHDOG_PID ]]; then
+        kill "$EMOE_WATCHDOG_PID" 2>/dev/null || true
+    fi
+    emoe_log "training step exited with status $rc"
+
+    local restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-50} reason=""
+    if [[ $EMOE_TERMINATING == 1 ]]; then
+        reason=""
+    elif [[ $EMOE_REQUEUE == 1 ]]; then
+        reason="time limit or preemption signal (USR1)"
+    elif [[ $rc == 0 ]] && _emoe_unfinished; then
+        reason="training stopped before --train-iters (exit duration reached)"
+    fi
+    if [[ -n $reason && ${REQUEUE:-1} != 0 ]]; then
+        if ((restarts >= max)); then
+            emoe_log "not requeueing ($reason): already restarted $restarts times (MAX_REQUEUES=$max)"
+        else
+            _emoe_requeue "$reason; the next run resumes from the latest checkpoint"
+            return 0
+        fi
+    fi
+    return "$rc"
+}
+
+# Where outputs go; RUN_NAME must stay the same across requeues (it does: the job keeps its id
+# and environment).
+emoe_output_dirs() {
+    RUN_NAME=${RUN_NAME:-$1}
+    OUTPUT_DIR=${OUTPUT_DIR:-$REPO_DIR/runs/$RUN_NAME}
+}

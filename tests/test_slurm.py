@@ -1,0 +1,524 @@
+"""The Slurm scripts in slurm/: syntax, dry-run rendering, and requeue-and-resume (no real Slurm).
+
+Dry runs render the launcher and training commands with fake SLURM_* variables; the training argv
+is parsed back with the training entry's own parser (so every flag is a real Megatron-or-ours
+flag) and checked by Megatron's `validate_args` for a world of the rendered size. The
+requeue machinery runs for real against fake `srun`, `scancel` and `scontrol` commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = ROOT / "slurm"
+PRETRAIN = SLURM / "pretrain_emoe.sbatch"
+FINETUNE = SLURM / "finetune_emoe_ep.sbatch"
+SCRIPTS = [PRETRAIN, FINETUNE]
+MARKERS = ("ENV", "LAUNCHER", "TRAINING", "RESUME")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment: fake Slurm job, data and tokenizer paths, nothing from the caller's."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[07-10]",
+        "SLURM_NNODES": "4",
+        "SLURM_NODEID": "0",
+        "DATA_PREFIX": str(tmp_path / "data" / "corpus_text_document"),
+        "TOKENIZER": str(tmp_path / "tokenizer"),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+    }
+    env.update(extra)
+    return env
+
+
+def finetune_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir(exist_ok=True)
+    (pretrained / "latest_checkpointed_iteration.txt").write_text("1000\n")
+    env = base_env(
+        tmp_path,
+        SLURM_JOB_NODELIST="nodeA,nodeB",
+        SLURM_NNODES="2",
+        PRETRAINED=str(pretrained),
+        CKPT=str(tmp_path / "sft"),
+    )
+    env.update(extra)
+    return env
+
+
+def dry_run(script: Path, env: dict[str, str], *extra: str) -> dict[str, str]:
+    """Run `DRY_RUN=1 bash script extra...`; return the sections printed between the markers."""
+    proc = subprocess.run(
+        ["bash", str(script), *extra], env={**env, "DRY_RUN": "1"}, capture_output=True,
+        text=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("=== EMOE_") and line.endswith(" ==="):
+            current = line[len("=== EMOE_") : -len(" ===")]
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    assert set(MARKERS) <= set(sections), proc.stdout
+    return {name: "\n".join(lines) for name, lines in sections.items()}
+
+
+def env_section(text: str) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in text.splitlines())
+    return {key: shlex.split(value)[0] if value else "" for key, value in pairs}
+
+
+def flag_values(argv: list[str], flag: str) -> list[list[str]]:
+    """The values after each occurrence of `flag` (up to the next --flag)."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            values = []
+            for value in argv[i + 1 :]:
+                if value.startswith("--"):
+                    break
+                values.append(value)
+            out.append(values)
+    return out
+
+
+@pytest.fixture(scope="module")
+def parse():
+    """parse_training_args(argv, world_size) -> Megatron-validated args of that world size."""
+    pytest.importorskip("megatron.training")
+    import torch
+
+    from megatron_emoe.training.arguments import parse_training_args
+
+    def run(argv: list[str], world_size: int):
+        saved_env = dict(os.environ)
+        saved_capability = torch.cuda.get_device_capability
+        os.environ.update(WORLD_SIZE=str(world_size), RANK="0", LOCAL_RANK="0")
+        # validate_args asks the GPU whether grouped GEMM can run; answer as a Hopper would.
+        torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+        try:
+            args = parse_training_args(argv)
+            from megatron.training.arguments import validate_args
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                validate_args(args, {})
+            return args
+        finally:
+            torch.cuda.get_device_capability = saved_capability
+            os.environ.clear()
+            os.environ.update(saved_env)
+
+    return run
+
+
+def training_argv(sections: dict[str, str]) -> list[str]:
+    argv = shlex.split(sections["TRAINING"])
+    assert argv[0].endswith("examples/pretrain_gpt_emoe.py")
+    return argv[1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Syntax
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", [*SCRIPTS, SLURM / "common.sh"], ids=lambda p: p.name)
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck():
+    proc = subprocess.run(
+        ["shellcheck", "-x", *map(str, SCRIPTS), str(SLURM / "common.sh")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry runs
+# ---------------------------------------------------------------------------------------------
+def test_pretrain_dry_run(tmp_path, parse):
+    sections = dry_run(PRETRAIN, base_env(tmp_path, EP="8"), "--log-interval", "1")
+    env = env_section(sections["ENV"])
+    assert env["MASTER_ADDR"] == "gpu07"  # first host of gpu[07-10], computed without scontrol
+    assert env["MASTER_PORT"] == str(20000 + 4242 % 20000)
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+
+    launcher = shlex.split(sections["LAUNCHER"])
+    assert launcher[0] == "srun" and "--nodes=4" in launcher and "--ntasks-per-node=1" in launcher
+    torchrun = launcher[launcher.index("torchrun") + 1 :]
+    assert flag_values(torchrun, "--nnodes") == [["4"]]
+    assert flag_values(torchrun, "--nproc-per-node") == [["8"]]
+    assert flag_values(torchrun, "--rdzv-backend") == [["c10d"]]
+    assert flag_values(torchrun, "--rdzv-endpoint") == [[f"gpu07:{env['MASTER_PORT']}"]]
+    assert flag_values(torchrun, "--rdzv-id") == [["4242"]]
+
+    argv = training_argv(sections)
+    args = parse(argv, world_size=32)
+    ckpt = str(tmp_path / "out" / "checkpoints")
+    assert args.save == ckpt and args.load == ckpt and not args.finetune
+    assert args.exit_signal_handler
+    assert args.expert_model_parallel_size == 8 and args.data_parallel_size == 32
+    assert (args.num_layers, args.hidden_size, args.num_experts, args.moe_router_topk) == (16, 2048, 64, 8)
+    assert (args.moe_router_mode, args.emoe_k_ideal, args.emoe_hr_loss_coeff) == ("emoe", 16, 1e-8)
+    assert args.moe_grouped_gemm and args.moe_token_dispatcher_type == "alltoall"
+    assert args.transformer_impl == "transformer_engine" and args.bf16
+    assert args.use_distributed_optimizer and args.ckpt_format == "torch_dist"
+    assert args.data_path == [str(tmp_path / "data" / "corpus_text_document")]
+    assert args.tokenizer_model == str(tmp_path / "tokenizer")
+    assert args.log_interval == 1  # trailing flags come last and win
+    assert args.fp8 is None and not args.moe_router_padding_for_quantization
+    assert "--fp8-format" not in argv and "--fp8-recipe" not in argv
+    assert args.exit_duration_in_mins is None  # no time limit known here
+    assert "start from scratch" in sections["RESUME"]
+
+    # The model config the entry will build accepts the elastic-routing flags.
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_emoe.arguments import elastic_config_from_args
+
+    for name, value in dict(
+        transformer_impl="local", apply_rope_fusion=False, moe_permute_fusion=False
+    ).items():  # no Transformer Engine on a CPU machine
+        setattr(args, name, value)
+    elastic = elastic_config_from_args(args, core_transformer_config_from_args(args))
+    assert (elastic.mode, elastic.resolved_k_ideal(8)) == ("emoe", 16)
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
+def test_pretrain_fp8_flags(tmp_path, parse, recipe):
+    sections = dry_run(PRETRAIN, base_env(tmp_path, FP8="hybrid", FP8_RECIPE=recipe))
+    args = parse(training_argv(sections), world_size=32)
+    assert (args.fp8, args.fp8_recipe) == ("hybrid", recipe)
+    assert args.moe_router_padding_for_quantization
+
+
+def test_pretrain_overrides_resume_and_exit_duration(tmp_path, parse):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3000\n")
+    env = base_env(
+        tmp_path,
+        CKPT=str(ckpt),
+        MASTER_ADDR="10.0.0.5",
+        MASTER_PORT="29555",
+        GPUS_PER_NODE="4",
+        SLURM_NNODES="2",
+        EP="4",
+        ROUTER_MODE="topk",
+        SLURM_JOB_END_TIME=str(int(time.time()) + 2 * 3600),
+        EXIT_MARGIN_MINS="15",
+        NCCL_SOCKET_IFNAME="ib0",
+        NCCL_IB_HCA="mlx5_0,mlx5_1",
+    )
+    sections = dry_run(PRETRAIN, env)
+    env_vars = env_section(sections["ENV"])
+    assert env_vars["MASTER_ADDR"] == "10.0.0.5" and env_vars["MASTER_PORT"] == "29555"
+    assert env_vars["NCCL_SOCKET_IFNAME"] == "ib0" and env_vars["GLOO_SOCKET_IFNAME"] == "ib0"
+    assert env_vars["NCCL_IB_HCA"] == "mlx5_0,mlx5_1"
+    torchrun = shlex.split(sections["LAUNCHER"])
+    assert flag_values(torchrun, "--rdzv-endpoint") == [["10.0.0.5:29555"]]
+    assert flag_values(torchrun, "--nnodes") == [["2"]]
+    assert flag_values(torchrun, "--nproc-per-node") == [["4"]]
+
+    args = parse(training_argv(sections), world_size=8)
+    assert args.load == str(ckpt) and args.save == str(ckpt)
+    assert args.moe_router_mode == "topk" and args.expert_model_parallel_size == 4
+    assert 120 - 15 - 1 <= args.exit_duration_in_mins <= 120 - 15
+    assert "resume from" in sections["RESUME"] and "3000" in sections["RESUME"]
+
+    sections = dry_run(PRETRAIN, {**env, "EXIT_DURATION_MINS": "0"})
+    assert "--exit-duration-in-mins" not in training_argv(sections)
+    sections = dry_run(PRETRAIN, {**env, "EXIT_DURATION_MINS": "77"})
+    assert flag_values(training_argv(sections), "--exit-duration-in-mins") == [["77"]]
+
+
+def test_scontrol_gives_master_addr_when_present(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text('#!/bin/bash\n[[ $1 == show && $2 == hostnames ]] && printf "host-x\\nhost-y\\n"\n')
+    scontrol.chmod(0o755)
+    env = base_env(tmp_path)
+    env["PATH"] = f"{fake_bin}:{env['PATH']}"
+    sections = dry_run(PRETRAIN, env)
+    assert env_section(sections["ENV"])["MASTER_ADDR"] == "host-x"
+
+
+def test_srun_launcher(tmp_path, parse):
+    sections = dry_run(PRETRAIN, base_env(tmp_path, LAUNCHER="srun", SLURM_CPUS_ON_NODE="128"))
+    launcher = shlex.split(sections["LAUNCHER"])
+    assert "torchrun" not in launcher
+    assert "--ntasks=32" in launcher and "--ntasks-per-node=8" in launcher
+    assert "--cpus-per-task=16" in launcher
+    assert "RANK=$SLURM_PROCID" in launcher[launcher.index("-c") + 1]
+    parse(training_argv(sections), world_size=32)
+
+
+def test_finetune_switches_to_resume(tmp_path, parse):
+    env = finetune_env(tmp_path, HR_LOSS_COEFF="5e-4")
+    first = dry_run(FINETUNE, env)
+    launcher = shlex.split(first["LAUNCHER"])
+    assert flag_values(launcher, "--nnodes") == [["2"]]
+    assert flag_values(launcher, "--rdzv-endpoint")[0][0].startswith("nodeA:")
+    assert flag_values(launcher, "--rdzv-id") == [["4242"]]
+
+    argv = training_argv(first)
+    args = parse(argv, world_size=16)
+    assert args.finetune and args.load == env["PRETRAINED"] and args.save == env["CKPT"]
+    assert args.sft_packed and args.exit_signal_handler and args.exit_on_missing_checkpoint
+    assert (args.moe_router_mode, args.emoe_hr_loss_coeff) == ("emoe", 5e-4)
+    # Experts are spread over both nodes: EP 16 over 2 x 8 GPUs.
+    assert args.expert_model_parallel_size == 16 and args.num_experts % 16 == 0
+    assert "start fine-tuning" in first["RESUME"]
+
+    # A requeued job finds its own checkpoint and resumes it, without --finetune.
+    Path(env["CKPT"]).mkdir()
+    (Path(env["CKPT"]) / "latest_checkpointed_iteration.txt").write_text("400\n")
+    again = dry_run(FINETUNE, env)
+    argv = training_argv(again)
+    assert "--finetune" not in argv
+    args = parse(argv, world_size=16)
+    assert not args.finetune and args.load == env["CKPT"] and args.save == env["CKPT"]
+    assert "resume fine-tuning" in again["RESUME"] and "400" in again["RESUME"]
+
+
+def test_finetune_shares_the_pretraining_model(tmp_path):
+    """The fine-tuning run builds the model pretraining saved (same architecture flags)."""
+    pre = training_argv(dry_run(PRETRAIN, base_env(tmp_path)))
+    sft = training_argv(dry_run(FINETUNE, finetune_env(tmp_path)))
+    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--num-experts",
+                 "--moe-ffn-hidden-size", "--moe-router-topk", "--seq-length", "--swiglu"):
+        assert flag_values(pre, flag) == flag_values(sft, flag), flag
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "script, drop, message",
+    [
+        (PRETRAIN, "DATA_PREFIX", "DATA_PREFIX is not set"),
+        (PRETRAIN, "TOKENIZER", "TOKENIZER is not set"),
+        (PRETRAIN, "SLURM_JOB_ID", "SLURM_JOB_ID is not set"),
+        (FINETUNE, "PRETRAINED", "PRETRAINED is not set"),
+        (FINETUNE, "DATA_PREFIX", "DATA_PREFIX is not set"),
+    ],
+)
+def test_missing_variable_is_a_clear_error(tmp_path, script, drop, message):
+    env = finetune_env(tmp_path) if script == FINETUNE else base_env(tmp_path)
+    del env[drop]
+    for dry in ("1", "0"):
+        proc = subprocess.run(
+            ["bash", str(script)], env={**env, "DRY_RUN": dry}, capture_output=True, text=True,
+            timeout=30,
+        )
+        assert proc.returncode != 0
+        assert f"ERROR: {message}" in proc.stderr
+        assert "=== EMOE_TRAINING ===" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (dict(FP8="fp4"), "FP8 must be hybrid, e4m3 or empty"),
+        (dict(FP8="hybrid", FP8_RECIPE="exotic"), "FP8_RECIPE must be"),
+        (dict(EP="eight"), "EP must be a non-negative integer"),
+        (dict(ROUTER_MODE="dense"), "ROUTER_MODE must be topk, emoe or mmoe"),
+        (dict(LAUNCHER="mpirun"), "LAUNCHER must be torchrun or srun"),
+        (dict(EXIT_DURATION_MINS="1h"), "EXIT_DURATION_MINS must be whole minutes"),
+        (dict(SLURM_JOB_NODELIST=""), "SLURM_JOB_NODELIST is not set"),
+    ],
+)
+def test_bad_values_are_clear_errors(tmp_path, extra, message):
+    proc = subprocess.run(
+        ["bash", str(PRETRAIN)], env={**base_env(tmp_path, **extra), "DRY_RUN": "1"},
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode != 0 and f"ERROR: {message}" in proc.stderr
+
+
+def test_finetune_refuses_bad_pretrained(tmp_path):
+    env = finetune_env(tmp_path)
+    (Path(env["PRETRAINED"]) / "latest_checkpointed_iteration.txt").unlink()
+    proc = subprocess.run(["bash", str(FINETUNE)], env={**env, "DRY_RUN": "1"},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "has no latest_checkpointed_iteration.txt" in proc.stderr
+
+    env = finetune_env(tmp_path, CKPT=finetune_env(tmp_path)["PRETRAINED"] + "/")
+    proc = subprocess.run(["bash", str(FINETUNE)], env={**env, "DRY_RUN": "1"},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "CKPT must differ from PRETRAINED" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "nodelist, first",
+    [
+        ("node07", "node07"),
+        ("node[01-04]", "node01"),
+        ("node[001-002,010],gpu[1-2]", "node001"),
+        ("a,b", "a"),
+        ("rack[3-4]-n[05-06]", "rack3-n05"),
+        ("gpu-[12,14]-ib", "gpu-12-ib"),
+    ],
+)
+def test_first_host_of_nodelist(nodelist, first):
+    out = subprocess.run(
+        ["bash", "-c", f'source {shlex.quote(str(SLURM / "common.sh"))}; emoe_first_host "$1"', "_",
+         nodelist],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout
+    assert out.strip() == first
+
+
+# ---------------------------------------------------------------------------------------------
+# Requeue-and-resume, run for real against fake srun / scancel / scontrol
+# ---------------------------------------------------------------------------------------------
+FAKE_SRUN = r"""#!/bin/bash
+# Fake srun: one "training step". Modes: save-on-term, stubborn (ignores TERM), exit0, fail.
+echo "srun $*" >> "$FAKE_LOG"
+echo $$ > "$FAKE_DIR/step.pid"
+save() { mkdir -p "$FAKE_CKPT"; echo "$FAKE_SAVE_ITER" > "$FAKE_CKPT/latest_checkpointed_iteration.txt"; echo "step saved $FAKE_SAVE_ITER" >> "$FAKE_LOG"; }
+case $FAKE_MODE in
+  exit0) save; exit 0 ;;
+  fail) exit 3 ;;
+  stubborn) trap 'echo "step ignores TERM" >> "$FAKE_LOG"' TERM ;;
+  *) trap 'save; exit 0' TERM ;;
+esac
+touch "$FAKE_DIR/running"
+for _ in $(seq 600); do sleep 0.05; done
+echo "step timed out" >> "$FAKE_LOG"; exit 9
+"""
+FAKE_SCANCEL = r"""#!/bin/bash
+echo "scancel $*" >> "$FAKE_LOG"
+[[ $1 == --signal=TERM ]] && kill -TERM "$(cat "$FAKE_DIR/step.pid")"
+exit 0
+"""
+FAKE_SCONTROL = r"""#!/bin/bash
+if [[ $1 == show && $2 == hostnames ]]; then echo fakehost1; exit 0; fi
+echo "scontrol $*" >> "$FAKE_LOG"
+# Like Slurm, a requeue ends the running step.
+[[ $1 == requeue ]] && kill -KILL "$(cat "$FAKE_DIR/step.pid")" 2>/dev/null
+exit 0
+"""
+
+
+def launch_env(tmp_path: Path, mode: str, save_iter: int, **extra: str) -> dict[str, str]:
+    fake = tmp_path / "fake"
+    (fake / "bin").mkdir(parents=True)
+    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
+        path = fake / "bin" / name
+        path.write_text(textwrap.dedent(text))
+        path.chmod(0o755)
+    entry = tmp_path / "entry.py"
+    entry.write_text("raise SystemExit('the fake srun never runs this')\n")
+    ckpt = tmp_path / "ckpt"
+    env = base_env(
+        tmp_path,
+        CKPT=str(ckpt),
+        ENTRY=str(entry),
+        CHECK_PATHS="0",
+        TRAIN_ITERS="1000",
+        REQUEUE_WATCHDOG_S="0",
+        FAKE_DIR=str(fake),
+        FAKE_LOG=str(fake / "calls.log"),
+        FAKE_CKPT=str(ckpt),
+        FAKE_MODE=mode,
+        FAKE_SAVE_ITER=str(save_iter),
+    )
+    env["PATH"] = f"{fake / 'bin'}:{env['PATH']}"
+    env.update(extra)
+    return env
+
+
+def calls(env: dict[str, str]) -> list[str]:
+    path = Path(env["FAKE_LOG"])
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def start_and_signal(env: dict[str, str], sig: int | None) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(["bash", str(PRETRAIN)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if sig is not None:
+        running = Path(env["FAKE_DIR"]) / "running"
+        deadline = time.monotonic() + 20
+        while not running.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the fake step never started"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        if sig == signal.SIGTERM:  # Slurm sends SIGTERM to the steps as well
+            os.kill(int((Path(env["FAKE_DIR"]) / "step.pid").read_text()), signal.SIGTERM)
+    out, err = proc.communicate(timeout=25)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_usr1_checkpoints_then_requeues(tmp_path):
+    env = launch_env(tmp_path, "save-on-term", 480)
+    result = start_and_signal(env, signal.SIGUSR1)
+    log = calls(env)
+    assert log[0].startswith("srun --nodes=4 ") and " torchrun " in log[0]
+    assert "--rdzv-endpoint fakehost1:" in log[0]  # MASTER_ADDR from scontrol show hostnames
+    assert log[1:] == ["scancel --signal=TERM 4242", "step saved 480", "scontrol requeue 4242"], (
+        log, result.stderr)
+    assert result.returncode == 0
+    assert "got SIGUSR1" in result.stderr
+
+
+def test_usr1_watchdog_requeues_a_stuck_step(tmp_path):
+    env = launch_env(tmp_path, "stubborn", 0, REQUEUE_WATCHDOG_S="1")
+    t0 = time.monotonic()
+    result = start_and_signal(env, signal.SIGUSR1)
+    log = calls(env)
+    assert log[1:3] == ["scancel --signal=TERM 4242", "step ignores TERM"], log
+    assert "scontrol requeue 4242" in log and "step timed out" not in log
+    assert "still running 1s after SIGTERM" in result.stderr
+    assert time.monotonic() - t0 < 15
+
+
+def test_term_waits_for_the_step_and_does_not_requeue(tmp_path):
+    env = launch_env(tmp_path, "save-on-term", 480)
+    result = start_and_signal(env, signal.SIGTERM)
+    log = calls(env)
+    assert "step saved 480" in log
+    assert not any(line.startswith(("scontrol", "scancel")) for line in log), log
+    assert "no requeue" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "mode, save_iter, extra, requeued, rc",
+    [
+        ("exit0", 500, {}, True, 0),  # --exit-duration-in-mins stopped it early: go on
+        ("exit0", 1000, {}, False, 0),  # finished
+        ("exit0", 500, dict(SLURM_RESTART_COUNT="5", MAX_REQUEUES="5"), False, 0),
+        ("exit0", 500, dict(REQUEUE="0"), False, 0),
+        ("fail", 0, {}, False, 3),  # a crash is not requeued in a loop
+    ],
+)
+def test_requeue_after_step_exit(tmp_path, mode, save_iter, extra, requeued, rc):
+    env = launch_env(tmp_path, mode, save_iter, **extra)
+    result = start_and_signal(env, None)
+    assert result.returncode == rc, result.stderr
+    assert ("scontrol requeue 4242" in calls(env)) == requeued, (calls(env), result.stderr)
