@@ -1,9 +1,12 @@
-"""Train a tiny GPT-MoE with Top-k and with EMoE on CPU, then print validation loss at k' = 1 ... 3k.
+"""`make demo`: pretrain a tiny GPT-MoE with EMoE on CPU, save it, and print validation loss at
+k' = 1 ... 3k from the saved checkpoint.
 
-Two gloo processes with expert parallelism 2 and the alltoall dispatcher: Megatron-Core's real
-GPTModel and MoELayer. The text is Python standard-library source, read from this machine.
+Two gloo processes with expert parallelism 2 (alltoall dispatcher) run Megatron's own training
+loop through examples/pretrain_gpt_emoe.py. The data is the embedded default (Python standard
+library code and docstrings, a BPE tokenizer trained on it), built once and cached. Settings live
+in examples/configs/demo.yaml; flags given here override them.
 
-    python examples/demo.py [--steps 150] [--modes topk emoe] [--output runs/demo.json]
+    python examples/demo.py [--overwrite] [--nproc 2] [--run-dir runs/demo] [Megatron flags ...]
 """
 
 from __future__ import annotations
@@ -11,138 +14,93 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sysconfig
+import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from megatron_emoe import ElasticMoEConfig, set_active_experts, with_elastic_router
-from megatron_emoe.launch import run_gloo
-
-TOPK = 2
-BUDGETS = range(1, 3 * TOPK + 1)
-SEQ, BATCH, VOCAB = 64, 8, 256  # byte-level tokens
-STDLIB_FILES = ("argparse.py", "textwrap.py", "dataclasses.py", "functools.py", "json/decoder.py")
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "examples" / "configs" / "demo.yaml"
+ENTRY = REPO / "examples" / "pretrain_gpt_emoe.py"
+ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+).*?lm loss: ([0-9.E+-]+)")
+VALIDATION = re.compile(r"validation loss at iteration (\d+) on validation set.*?lm loss value: ([0-9.E+-]+)")
 
 
-def corpus() -> tuple[torch.Tensor, torch.Tensor]:
-    """Byte tokens of a few stdlib sources: the first 90% train, the rest validation."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    data = b"".join((stdlib / name).read_bytes() for name in STDLIB_FILES)
-    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-    split = int(0.9 * len(tokens))
-    return tokens[:split], tokens[split:]
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default="runs/demo", help="checkpoints, TensorBoard and the log go here")
+    parser.add_argument("--nproc", type=int, default=2, help="gloo processes (expert parallel size divides it)")
+    parser.add_argument("--overwrite", action="store_true", help="delete an earlier --run-dir first")
+    return parser.parse_known_args(argv)
 
 
-def batches(tokens: torch.Tensor, count: int, seed: int):
-    """`count` random [BATCH, SEQ + 1] windows."""
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(count):
-        starts = torch.randint(len(tokens) - SEQ - 1, (BATCH,), generator=generator)
-        yield torch.stack([tokens[s : s + SEQ + 1] for s in starts.tolist()])
+def command(run_dir: Path, nproc: int, data: dict, extra: list[str]) -> list[str]:
+    """torchrun over the training entry with the demo config, the default data and `extra` flags."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        str(ENTRY), "--config", str(CONFIG),
+        "--train-data-path", data["pretrain_train"],
+        "--valid-data-path", data["pretrain_valid"],
+        "--tokenizer-model", data["tokenizer_model"],
+        "--save", str(run_dir / "checkpoints"),
+        "--tensorboard-dir", str(run_dir / "tensorboard"),
+        *extra,
+    ]
 
 
-def build_model(elastic: ElasticMoEConfig):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-        num_moe_experts=8, moe_router_topk=TOPK, moe_token_dispatcher_type="alltoall",
-        moe_aux_loss_coeff=1e-2, expert_model_parallel_size=2, add_bias_linear=False,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        gradient_accumulation_fusion=False, bias_activation_fusion=False,
-        masked_softmax_fusion=False, bias_dropout_fusion=False, persist_layer_norm=False,
-        apply_rope_fusion=False,
-    )
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    return GPTModel(
-        config=config, transformer_layer_spec=with_elastic_router(block, elastic),
-        vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-    )
-
-
-def lm_loss(model, window: torch.Tensor) -> torch.Tensor:
-    tokens, labels = window[:, :-1], window[:, 1:]
-    positions = torch.arange(SEQ).expand_as(tokens)
-    causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
-    return model(tokens, positions, causal, labels=labels).float().mean()
+def run_with_progress(cmd: list[str], log_path: Path) -> int:
+    """Run `cmd`, keeping its whole output in `log_path` and showing one line per logged step."""
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    start = time.time()
+    with open(log_path, "w") as log, subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if match := ITERATION.search(line):
+                done, total, loss = int(match[1]), int(match[2]), float(match[3])
+                elapsed = time.time() - start
+                print(f"  step {done:4d}/{total} | train loss {loss:6.3f} | {elapsed:5.0f} s elapsed", flush=True)
+            elif match := VALIDATION.search(line):
+                print(f"  step {int(match[1]):4d} validation loss {float(match[2]):6.3f}", flush=True)
+            elif "Traceback" in line or "Error" in line.split(":")[0]:
+                print("  " + line.rstrip(), flush=True)
+        return proc.wait()
 
 
-def average_data_parallel_grads(model) -> None:
-    """Dense weights are replicated over the EP ranks (data parallel there): average their grads.
+def main(argv=None) -> int:
+    from megatron_emoe.data.default_data import ensure_default_data
 
-    Megatron marks expert weights `allreduce=False`; each EP rank owns its own experts.
-    """
-    from megatron.core import parallel_state
+    options, extra = parse_args(argv)
+    run_dir = (REPO / options.run_dir).resolve()
+    if run_dir.exists():
+        if not options.overwrite:
+            sys.exit(f"{run_dir} exists: pass --overwrite to replace it, or choose another --run-dir")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
 
-    group = parallel_state.get_data_parallel_group()
-    for param in model.parameters():
-        if param.grad is not None and getattr(param, "allreduce", True):
-            torch.distributed.all_reduce(param.grad, group=group)
-            param.grad /= group.size()
-
-
-def train_and_evaluate(rank: int, mode: str, steps: int, output: str) -> None:
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    elastic = ElasticMoEConfig(mode=mode, k_ideal=2 * TOPK)
-    torch.manual_seed(0)  # same initial weights in every mode
-    model = build_model(elastic)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    train, valid = corpus()
-    start = time.monotonic()
-    for step, window in enumerate(batches(train, steps, seed=rank), start=1):
-        optimizer.zero_grad()
-        loss = lm_loss(model, window)
-        loss.backward()
-        average_data_parallel_grads(model)
-        optimizer.step()
-        if rank == 0 and (step % 25 == 0 or step == steps):
-            print(f"[{mode}] step {step:4d}/{steps}  train loss {loss.item():.3f}  "
-                  f"({time.monotonic() - start:.0f} s)", flush=True)
-
-    model.eval()
-    row = []
-    for k in BUDGETS:
-        set_active_experts(model, k)
-        with torch.no_grad():
-            local = torch.stack([lm_loss(model, w) for w in batches(valid, 8, seed=1000)]).mean()
-        torch.distributed.all_reduce(local)
-        row.append(local.item() / torch.distributed.get_world_size())
-    if rank == 0:
-        results = json.loads(Path(output).read_text()) if Path(output).exists() else {}
-        results[mode] = {"steps": steps, "valid_loss_by_active_experts": dict(zip(BUDGETS, row))}
-        Path(output).write_text(json.dumps(results, indent=2))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--modes", nargs="+", default=["topk", "emoe"], choices=["topk", "emoe", "mmoe"])
-    parser.add_argument("--output", default="runs/demo.json", help="where the table goes as JSON")
-    args = parser.parse_args()
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.unlink(missing_ok=True)  # this run's results only
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # Megatron's apex/TE fallback notices
-    for mode in args.modes:
-        run_gloo(train_and_evaluate, world_size=2, ep=2, args=(mode, args.steps, str(output)),
-                 timeout=1800)
-
-    results = json.loads(output.read_text())
-    print(f"\nvalidation loss (nats/byte) after {args.steps} steps, by active experts k' "
-          f"(trained with k={TOPK}); also in {output}")
-    print("k'      " + "".join(f"{k:8d}" for k in BUDGETS))
-    for mode, result in results.items():
-        losses = result["valid_loss_by_active_experts"].values()
-        print(f"{mode:<8}" + "".join(f"{loss:8.3f}" for loss in losses))
+    print("[1/3] embedded default data (Python stdlib code + docstrings, BPE tokenizer)", flush=True)
+    data = ensure_default_data(progress=True)
+    print(f"[2/3] pretraining with EMoE on {options.nproc} CPU processes (settings: {CONFIG.relative_to(REPO)})",
+          flush=True)
+    start = time.time()
+    code = run_with_progress(command(run_dir, options.nproc, data, extra), run_dir / "train.log")
+    if code != 0:
+        print(f"training failed (exit {code}); see {run_dir / 'train.log'}")
+        return code
+    result = json.loads((run_dir / "checkpoints" / "elastic_eval.json").read_text())
+    print(f"[3/3] validation loss by active experts k' (model trained with k = {result['train_topk']}, "
+          f"{time.time() - start:.0f} s):")
+    losses = result["val_loss"]
+    print("  k'      " + "".join(f"{k:>8}" for k in losses))
+    print("  loss    " + "".join(f"{v:8.3f}" for v in losses.values()))
+    print(f"checkpoint: {run_dir / 'checkpoints'}  TensorBoard: {run_dir / 'tensorboard'}  "
+          f"log: {run_dir / 'train.log'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

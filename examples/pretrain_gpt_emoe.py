@@ -1,0 +1,10 @@
+"""Pretrain or instruction-tune a GPT-MoE with elastic routing: Megatron-LM's `pretrain_gpt.py`
+flags plus ours (`--moe-router-mode`, `--emoe-*`, `--mmoe-*`, `--sft-packed`, `--config FILE`).
+
+    torchrun --nproc-per-node 8 examples/pretrain_gpt_emoe.py --config my.yaml [--flag value ...]
+"""
+
+from megatron_emoe.training.entry import main
+
+if __name__ == "__main__":
+    main()
