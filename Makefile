@@ -17,7 +17,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "configs" / "demo.yaml"
 ENTRY = REPO / "examples" / "pretrain_gpt_emoe.py"
 ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+).*?lm loss: ([0-9.E+-]+)")
-VALIDATION = re.compile(r"validation loss at iteration (\d+) on validation set.*?lm loss value: ([0-9.E+-]+)")
+VALIDATION = re.compile(r"validation loss at iteration (\d+)(?: on validation set)? \|.*?lm loss value: ([0-9.E+-]+)")
 
 
 def parse_args(argv=None):

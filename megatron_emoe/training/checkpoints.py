@@ -43,7 +43,9 @@ def publish(save_dir: str, staging_dir: str, iteration: int) -> None:
     os.replace(incoming, final)
     write_text_atomically(os.path.join(save_dir, TRACKER), str(iteration))
     shutil.rmtree(outgoing, ignore_errors=True)
-    shutil.rmtree(staging_dir, ignore_errors=True)
+    for name in os.listdir(save_dir):  # this save's staging folder and any a failed save left
+        if name.startswith(STAGING_PREFIX):
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
 @contextlib.contextmanager

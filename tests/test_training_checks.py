@@ -1,0 +1,170 @@
+"""Bad input to the training entry is refused before any work, naming the flag; and a checkpoint
+save that fails never damages the previous checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from megatron_emoe.training import checkpoints
+from tests.training_runs import REPO, TINY_MODEL, environment, run_training, training_command
+
+
+# ---------------------------------------------------------------------------------------------
+# Staged saves (no processes needed)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def megatron_args(tmp_path):
+    from megatron.training import global_vars
+
+    args = Namespace(save=str(tmp_path / "ckpt"), async_save=False)
+    os.makedirs(args.save)
+    global_vars.set_args(args)
+    yield args
+    global_vars.set_args(None)
+
+
+def _fake_megatron_save(fail: bool):
+    """Writes a checkpoint folder and tracker where Megatron would (args.save), then maybe fails."""
+
+    def save(iteration, *_, **__):
+        from megatron.training import get_args
+
+        folder = Path(get_args().save) / checkpoints.iteration_dir(iteration)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "shard_0.distcp").write_text(f"weights of {iteration}, part 1")
+        if fail:
+            raise OSError("disk full")
+        (folder / "metadata.json").write_text("{}")
+        (Path(get_args().save) / checkpoints.TRACKER).write_text(str(iteration))
+
+    return save
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_staged_save_publishes_and_updates_tracker(megatron_args):
+    checkpoints.staged(_fake_megatron_save(fail=False))(5)
+    ckpt = Path(megatron_args.save)
+    assert _snapshot(ckpt) == {
+        "iter_0000005/metadata.json": "{}",
+        "iter_0000005/shard_0.distcp": "weights of 5, part 1",
+        "latest_checkpointed_iteration.txt": "5",
+    }
+    assert megatron_args.save == str(ckpt)  # restored after the save
+
+
+@pytest.mark.parametrize("same_iteration", [False, True])
+def test_failed_save_leaves_previous_checkpoint_intact(megatron_args, same_iteration):
+    checkpoints.staged(_fake_megatron_save(fail=False))(5)
+    before = _snapshot(Path(megatron_args.save))
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.staged(_fake_megatron_save(fail=True))(5 if same_iteration else 10)
+    after = {k: v for k, v in _snapshot(Path(megatron_args.save)).items() if not k.startswith(".staging-")}
+    assert after == before
+    assert checkpoints.latest_iteration(megatron_args.save) == 5
+    # The next save clears the failed attempt's staging folder and succeeds.
+    checkpoints.staged(_fake_megatron_save(fail=False))(10)
+    assert checkpoints.latest_iteration(megatron_args.save) == 10
+    assert not [p for p in Path(megatron_args.save).iterdir() if p.name.startswith(".staging-")]
+
+
+def test_resaving_an_iteration_swaps_the_folder(megatron_args):
+    checkpoints.staged(_fake_megatron_save(fail=False))(5)
+    folder = Path(megatron_args.save) / "iter_0000005"
+    (folder / "stale_file").write_text("from the first save")
+    checkpoints.staged(_fake_megatron_save(fail=False))(5)
+    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "shard_0.distcp"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input through the real entry (one process; every error comes before distributed setup)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from megatron_emoe.data.default_data import ensure_default_data
+
+    return ensure_default_data(tmp_path_factory.mktemp("data") / "default",
+                               corpus_bytes=300_000, vocab_size=512)
+
+
+def _flags(data, *extra):
+    return [*TINY_MODEL, "--train-data-path", data["pretrain_train"],
+            "--valid-data-path", data["pretrain_valid"], "--tokenizer-model", data["tokenizer_model"],
+            "--train-iters", "2", *extra]
+
+
+def _refused(flags) -> str:
+    """Run the entry on one process; it must exit non-zero before training. Returns its output."""
+    proc = subprocess.run(training_command(flags, nproc=1), cwd=REPO, env=environment(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=200)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "iteration        1/" not in proc.stdout
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_missing_data_path(data, tmp_path):
+    flags = _flags(data)
+    flags[flags.index("--train-data-path") + 1] = str(tmp_path / "nowhere_text_document")
+    out = _refused(flags)
+    assert "--train-data-path" in out and "nowhere_text_document" in out
+
+
+@pytest.mark.slow
+def test_tokenizer_and_data_vocab_mismatch(data, tmp_path):
+    other = tmp_path / "other_text_document"
+    for suffix in (".bin", ".idx"):
+        shutil.copy(data["pretrain_train"] + suffix, str(other) + suffix)
+    sidecar = json.loads(Path(data["pretrain_train"].removesuffix("_text_document") + ".json").read_text())
+    sidecar["vocab_size"] = 50_000  # as if made with another tokenizer
+    for entry in sidecar["datasets"].values():
+        entry["prefix"] = other.name
+    (tmp_path / "other.json").write_text(json.dumps(sidecar))
+    flags = _flags(data)
+    flags[flags.index("--train-data-path") + 1] = str(other)
+    out = _refused(flags)
+    assert "--tokenizer-model" in out and "50000" in out.replace(",", "")
+
+
+@pytest.mark.slow
+def test_sequence_length_above_the_model(data):
+    flags = _flags(data)
+    flags[flags.index("--seq-length") + 1] = "128"
+    out = _refused(flags)
+    assert "--seq-length 128" in out and "--max-position-embeddings 64" in out
+
+
+@pytest.mark.slow
+def test_resume_must_match_router_mode_and_experts(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    code, out = run_training([*_flags(data, "--moe-router-mode", "emoe", "--save", str(ckpt),
+                                     "--save-interval", "1000")], tmp_path / "log")
+    assert code == 0, out[-3000:]
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
+    resume = ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1000", "--train-iters", "4"]
+    out = _refused(_flags(data, "--moe-router-mode", "topk", *resume))
+    assert "--moe-router-mode topk does not match" in out and "--moe-router-mode emoe" in out
+    flags = _flags(data, "--moe-router-mode", "emoe", *resume)
+    flags[flags.index("--num-experts") + 1] = "8"
+    out = _refused(flags)
+    assert "--num-experts 8 does not match" in out and "--num-experts 4" in out
+    # Writing into a folder whose checkpoint this run would not resume from needs consent.
+    out = _refused(_flags(data, "--moe-router-mode", "emoe", "--save", str(ckpt), "--save-interval", "1000"))
+    assert "--allow-overwrite-save" in out
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before  # nothing touched
+
+
+@pytest.mark.slow
+def test_budget_outside_the_experts(data, tmp_path):
+    out = _refused(_flags(data, "--save", str(tmp_path / "c"), "--save-interval", "1000",
+                          "--elastic-eval-budgets", "1", "9"))
+    assert "--elastic-eval-budgets 9" in out and "[1, 4]" in out
