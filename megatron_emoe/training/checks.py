@@ -16,22 +16,9 @@ class TrainingInputError(ValueError):
 
 
 def _data_prefixes(args) -> list[tuple[str, list[str]]]:
-    """(flag, prefixes) for every data flag given; blend weights are dropped."""
-    found = []
-    for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
-        values = getattr(args, flag, None)
-        if values:
-            prefixes = [v for v in values if not _is_number(v)]
-            found.append(("--" + flag.replace("_", "-"), prefixes))
-    return found
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    """(flag, values) for every data flag given (blend weights included; the check skips them)."""
+    flags = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+    return [("--" + f.replace("_", "-"), getattr(args, f)) for f in flags if getattr(args, f, None)]
 
 
 def check_data(args, tokenizer_vocab_size: int) -> None:
