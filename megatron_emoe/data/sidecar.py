@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from megatron_emoe.files import write_text_atomically
+
 KINDS = ("pretrain", "sft")
 
 
@@ -16,12 +18,8 @@ def portable_path(path: str, base_dir: str) -> str:
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
-    """Write JSON to `<path>.tmp-<pid>` and rename it into place."""
-    staged = f"{path}.tmp-{os.getpid()}"
-    with open(staged, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(staged, path)
+    """Write `payload` as sorted, indented JSON through a temporary file and a rename."""
+    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def find_sidecar(prefix: str) -> tuple[str, dict] | None:

@@ -8,6 +8,8 @@ import functools
 import os
 import shutil
 
+from megatron_emoe.files import write_text_atomically
+
 TRACKER = "latest_checkpointed_iteration.txt"
 STAGING_PREFIX = ".staging-"
 
@@ -15,16 +17,6 @@ STAGING_PREFIX = ".staging-"
 def iteration_dir(iteration: int) -> str:
     """Megatron's folder name for a global checkpoint at `iteration`."""
     return f"iter_{iteration:07d}"
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    """Write `path` through a temporary file and a rename: readers see the old or the new text."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def publish(save_dir: str, staging_dir: str, iteration: int) -> None:
@@ -91,21 +83,27 @@ def staged(save_checkpoint):
     return save
 
 
+def _tracked(checkpoint_dir: str | None) -> str | None:
+    """What Megatron's tracker in `checkpoint_dir` names ("release" or an iteration), or None."""
+    tracker = os.path.join(checkpoint_dir, TRACKER) if checkpoint_dir else None
+    if tracker is None or not os.path.isfile(tracker):
+        return None
+    with open(tracker) as f:
+        return f.read().strip()
+
+
 def latest_iteration(checkpoint_dir: str | None) -> int | None:
     """The iteration Megatron's tracker in `checkpoint_dir` names, or None when there is none."""
-    if not checkpoint_dir:
+    tracked = _tracked(checkpoint_dir)
+    if tracked is None:
         return None
-    tracker = os.path.join(checkpoint_dir, TRACKER)
-    if not os.path.isfile(tracker):
-        return None
-    text = open(tracker).read().strip()
-    return 0 if text == "release" else int(text)
+    return 0 if tracked == "release" else int(tracked)
 
 
 def checkpoint_args(checkpoint_dir: str):
     """The training flags (`argparse.Namespace`) saved with the latest checkpoint in `checkpoint_dir`."""
     from megatron.core import dist_checkpointing
 
-    text = open(os.path.join(checkpoint_dir, TRACKER)).read().strip()
-    name = "release" if text == "release" else iteration_dir(int(text))
+    tracked = _tracked(checkpoint_dir)
+    name = "release" if tracked == "release" else iteration_dir(int(tracked))
     return dist_checkpointing.load_common_state_dict(os.path.join(checkpoint_dir, name)).get("args")

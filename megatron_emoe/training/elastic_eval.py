@@ -7,7 +7,7 @@ import json
 import math
 import os
 
-from megatron_emoe.training.checkpoints import write_text_atomically
+from megatron_emoe.files import write_text_atomically
 
 
 @contextlib.contextmanager
