@@ -38,12 +38,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-def config_file_argv(path: str | os.PathLike) -> list[str]:
-    """Turn a YAML mapping of Megatron flag names to values into argv (`true` = bare flag)."""
-    with open(path, encoding="utf-8") as f:
-        mapping = yaml.safe_load(f) or {}
-    if not isinstance(mapping, dict):
-        raise ValueError(f"{path}: expected a mapping of flag names to values")
+def flags_argv(mapping: dict) -> list[str]:
+    """argv from a mapping of flag names to values: `true` is a bare flag, false/None are left out."""
     argv: list[str] = []
     for name, value in mapping.items():
         flag = "--" + str(name).lstrip("-").replace("_", "-")
@@ -56,6 +52,15 @@ def config_file_argv(path: str | os.PathLike) -> list[str]:
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def config_file_argv(path: str | os.PathLike) -> list[str]:
+    """Turn a YAML mapping of Megatron flag names to values into argv (`true` = bare flag)."""
+    with open(path, encoding="utf-8") as f:
+        mapping = yaml.safe_load(f) or {}
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    return flags_argv(mapping)
 
 
 def expand_config_argv(argv: Sequence[str]) -> list[str]:
