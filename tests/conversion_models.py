@@ -9,11 +9,11 @@ import torch
 
 VOCAB = 96  # not a multiple of 128: exercises Megatron's vocabulary padding
 SEQ = 12
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+COMMON = {
+    "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
 
 
 def hf_config(family: str, **overrides):
@@ -21,11 +21,11 @@ def hf_config(family: str, **overrides):
     import transformers as tf
 
     settings = {
-        "qwen3_moe": (tf.Qwen3MoeConfig, dict(moe_intermediate_size=16, num_experts=8,
-                                              num_experts_per_tok=2, head_dim=16, norm_topk_prob=True)),
-        "qwen2_moe": (tf.Qwen2MoeConfig, dict(moe_intermediate_size=16, num_experts=8,
-                                              num_experts_per_tok=2, shared_expert_intermediate_size=24)),
-        "mixtral": (tf.MixtralConfig, dict(num_local_experts=8, num_experts_per_tok=2)),
+        "qwen3_moe": (tf.Qwen3MoeConfig, {"moe_intermediate_size": 16, "num_experts": 8,
+                                              "num_experts_per_tok": 2, "head_dim": 16, "norm_topk_prob": True}),
+        "qwen2_moe": (tf.Qwen2MoeConfig, {"moe_intermediate_size": 16, "num_experts": 8,
+                                              "num_experts_per_tok": 2, "shared_expert_intermediate_size": 24}),
+        "mixtral": (tf.MixtralConfig, {"num_local_experts": 8, "num_experts_per_tok": 2}),
     }[family]
     config_class, extra = settings
     return config_class(**{**COMMON, **extra, **overrides})

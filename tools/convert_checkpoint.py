@@ -18,13 +18,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_emoe.conversion.convert import (  # noqa: E402
+from megatron_emoe.conversion.convert import (
     HFToMegatron,
     MegatronToHF,
     hf_to_megatron,
     megatron_to_hf,
 )
-from megatron_emoe.conversion.families import ConversionError  # noqa: E402
+from megatron_emoe.conversion.families import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from typing import Optional
 
 import yaml
 
@@ -47,8 +46,8 @@ class MegatronToHF:
 
     load: str
     output: str
-    num_experts_per_tok: Optional[int] = None
-    hf_config: Optional[str] = None
+    num_experts_per_tok: int | None = None
+    hf_config: str | None = None
     max_shard_size_mb: int = 5000
     overwrite: bool = False
 
@@ -105,6 +104,8 @@ def check_hf_tensors(reader, expected: set[str], folder: str) -> None:
 def load_hf_config(folder: str, flag: str):
     from transformers import AutoConfig
 
+    if not os.path.isdir(folder):
+        raise ConversionError(f"{flag} {folder}: no such folder")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ConversionError(f"{flag} {folder}: no config.json there")
     return AutoConfig.from_pretrained(folder)

@@ -78,7 +78,7 @@ def _tensor_files(folder: str) -> dict[str, str]:
     files = {}
     for shard in shards:
         with safe_open(os.path.join(folder, shard), framework="pt") as f:
-            files.update({name: shard for name in f.keys()})
+            files.update({name: shard for name in f.keys()})  # noqa: SIM118 (not iterable)
     return files
 
 

@@ -26,6 +26,7 @@ def build_args(argv: list[str]) -> argparse.Namespace:
     from megatron_emoe.training import cpu_loop
     from megatron_emoe.training.arguments import parse_training_args
 
+    cpu_loop.enable()  # CPU views of torch in megatron.training (no-op with CUDA)
     args = parse_training_args(cpu_loop.with_cpu_flags(argv))
     args.world_size = torch.distributed.get_world_size()
     args.rank = torch.distributed.get_rank()
@@ -51,17 +52,18 @@ def args_from_checkpoint(
         if name not in runtime:
             setattr(args, name, value)
     world = torch.distributed.get_world_size()
-    layout = dict(
-        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
-        pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
-        context_parallel_size=1, sequence_parallel=False, data_parallel_size=world // tp,
-        world_size=world, rank=torch.distributed.get_rank(), use_distributed_optimizer=False,
-        moe_grouped_gemm=False,
-        load=load_dir, pretrained_checkpoint=None, save=None, finetune=False,
-        no_load_optim=True, no_load_rng=True, use_checkpoint_args=False,
-        exit_on_missing_checkpoint=True, perform_initialization=False, ckpt_format="torch_dist",
-        tensorboard_dir=None, wandb_project=None, distributed_backend="gloo",
-    )
+    layout = {
+        "tensor_model_parallel_size": tp, "expert_model_parallel_size": ep, "expert_tensor_parallel_size": 1,
+        "pipeline_model_parallel_size": 1, "virtual_pipeline_model_parallel_size": None,
+        "context_parallel_size": 1, "sequence_parallel": False, "data_parallel_size": world // tp,
+        "world_size": world, "rank": torch.distributed.get_rank(), "use_distributed_optimizer": False,
+        "moe_grouped_gemm": False,
+        "load": load_dir, "pretrained_checkpoint": None, "save": None, "finetune": False,
+        "no_load_optim": True, "no_load_rng": True, "use_checkpoint_args": False,
+        "exit_on_missing_checkpoint": True, "perform_initialization": False, "ckpt_format": "torch_dist",
+        "global_batch_size": args.micro_batch_size * (world // tp), "rampup_batch_size": None,
+        "tensorboard_dir": None, "wandb_project": None, "distributed_backend": "gloo",
+    }
     for name, value in layout.items():
         setattr(args, name, value)
     if cpu_loop.on_cpu():
@@ -73,7 +75,10 @@ def args_from_checkpoint(
 @contextlib.contextmanager
 def megatron_globals(args: argparse.Namespace) -> Iterator[None]:
     """Megatron's global args/timers for the body (its checkpointing reads them), then unset."""
-    from megatron.training.global_vars import set_global_variables, unset_global_variables
+    from megatron.training.global_vars import (
+        set_global_variables,
+        unset_global_variables,
+    )
 
     from megatron_emoe.training import cpu_loop
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -50,6 +51,9 @@ def _training_torch():
         Stream=torch.cpu.Stream,
         current_stream=torch.cpu.current_stream,
         stream=torch.cpu.stream,
+        # validate_args asks TP > 1 runs before Blackwell (major 10) for CUDA_DEVICE_MAX_CONNECTIONS=1;
+        # the CPU has no CUDA connections to limit, so it reports itself past that.
+        get_device_properties=lambda device=None: types.SimpleNamespace(name="cpu", major=10, minor=0),
     )
 
 
