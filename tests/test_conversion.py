@@ -235,3 +235,39 @@ def test_bad_megatron_inputs_are_refused(small_hf, small_megatron, tmp_path, cap
     os.remove(os.path.join(partial, "release", ".metadata"))
     assert "partial" in refused(["megatron-to-hf", "--load", partial, "--output", out], capsys)
     assert not os.path.exists(out) and tree_digest(megatron) == digest
+
+
+# ---------------------------------------------------------------------- with training -----
+@pytest.mark.slow
+def test_converted_model_finetunes_with_emoe_and_serves_from_hf(tmp_path):
+    """hf-to-megatron -> the training entry (--finetune, EMoE, EP=2) -> megatron-to-hf -> transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_emoe.data.default_data import ensure_default_data
+    from tests.training_runs import run_training
+
+    data = ensure_default_data(tmp_path / "data", corpus_bytes=300_000, vocab_size=512)
+    hf = save_hf_model("qwen3_moe", str(tmp_path / "hf"), vocab_size=512)
+    megatron = str(tmp_path / "megatron")
+    hf_to_megatron(HFToMegatron(hf_path=hf, output=megatron, target_expert_parallel_size=2))
+    code, out = run_training(
+        ["--config", os.path.join(megatron, "model.yaml"), "--finetune", "--load", megatron,
+         "--save", str(tmp_path / "sft"), "--save-interval", "1000", "--train-iters", "3",
+         "--moe-router-mode", "emoe", "--emoe-k-ideal", "4", "--emoe-hr-loss-coeff", "1e-3",
+         "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "0",
+         "--eval-iters", "1", "--eval-interval", "1000", "--log-interval", "1",
+         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", data["tokenizer_model"],
+         "--train-data-path", data["pretrain_train"], "--valid-data-path", data["pretrain_valid"]],
+        tmp_path / "sft.log")
+    assert code == 0, out[-3000:]
+    assert "successfully loaded checkpoint" in out
+    served = str(tmp_path / "served")
+    megatron_to_hf(MegatronToHF(load=str(tmp_path / "sft"), output=served, hf_config=hf,
+                                num_experts_per_tok=4))
+    model = AutoModelForCausalLM.from_pretrained(served)
+    assert model.config.num_experts_per_tok == 4
+    trained, original = all_tensors(served), all_tensors(hf)
+    assert sorted(trained) == sorted(original)
+    assert any(not torch.equal(trained[n], original[n]) for n in original)  # it did train
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=tokens()).logits).all()
