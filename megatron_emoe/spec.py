@@ -29,37 +29,47 @@ def with_elastic_router(spec: Any, elastic: ElasticMoEConfig) -> Any:
     return rewritten
 
 
-def _rewrite(node: Any, elastic: ElasticMoEConfig, found: list) -> Any:
-    """Rebuild a spec tree: `ModuleSpec`s and `functools.partial`s (Megatron 0.19 uses both),
-    submodule dataclasses and lists; the MoE layers among them become elastic."""
+def map_spec(node: Any, visit) -> Any:
+    """Rebuild a spec tree bottom-up: `ModuleSpec`s and `functools.partial`s (Megatron 0.19 uses
+    both), submodule dataclasses and lists. `visit(node)` may return a replacement for a node whose
+    children are already rebuilt, or None to keep it. The input is not modified."""
     if isinstance(node, ModuleSpec):
-        module = import_module(node.module) if isinstance(node.module, tuple) else node.module
-        if _is_moe_layer(module):
-            found.append(node)
-            submodules = _elastic_submodules(node.submodules, elastic)
-            return dataclasses.replace(
-                node, module=ElasticMoELayer, params=dict(node.params), submodules=submodules
-            )
-        submodules = _rewrite(node.submodules, elastic, found)
-        return dataclasses.replace(node, params=dict(node.params), submodules=submodules)
-    if isinstance(node, functools.partial):
-        keywords = {name: _rewrite(value, elastic, found) for name, value in node.keywords.items()}
-        args = [_rewrite(value, elastic, found) for value in node.args]
-        if _is_moe_layer(node.func):
-            found.append(node)
-            keywords["submodules"] = _elastic_submodules(node.keywords.get("submodules"), elastic)
-            return functools.partial(ElasticMoELayer, *args, **keywords)
-        return functools.partial(node.func, *args, **keywords)
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        changes = {
-            f.name: _rewrite(getattr(node, f.name), elastic, found)
-            for f in dataclasses.fields(node)
-            if f.init
-        }
-        return dataclasses.replace(node, **changes)
-    if isinstance(node, (list, tuple)):
-        return type(node)(_rewrite(item, elastic, found) for item in node)
-    return node
+        rebuilt = dataclasses.replace(
+            node, params=dict(node.params), submodules=map_spec(node.submodules, visit)
+        )
+    elif isinstance(node, functools.partial):
+        keywords = {name: map_spec(value, visit) for name, value in node.keywords.items()}
+        args = [map_spec(value, visit) for value in node.args]
+        rebuilt = functools.partial(node.func, *args, **keywords)
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changes = {f.name: map_spec(getattr(node, f.name), visit) for f in dataclasses.fields(node) if f.init}
+        rebuilt = dataclasses.replace(node, **changes)
+    elif isinstance(node, (list, tuple)):
+        rebuilt = type(node)(map_spec(item, visit) for item in node)
+    else:
+        return node
+    replaced = visit(rebuilt)
+    return rebuilt if replaced is None else replaced
+
+
+def _rewrite(node: Any, elastic: ElasticMoEConfig, found: list) -> Any:
+    """`node` with its MoE layers made elastic (appended to `found`)."""
+
+    def visit(spec):
+        if isinstance(spec, ModuleSpec):
+            module = import_module(spec.module) if isinstance(spec.module, tuple) else spec.module
+            if _is_moe_layer(module):
+                found.append(spec)
+                submodules = _elastic_submodules(spec.submodules, elastic)
+                return dataclasses.replace(spec, module=ElasticMoELayer, submodules=submodules)
+        if isinstance(spec, functools.partial) and _is_moe_layer(spec.func):
+            found.append(spec)
+            keywords = dict(spec.keywords)
+            keywords["submodules"] = _elastic_submodules(keywords.get("submodules"), elastic)
+            return functools.partial(ElasticMoELayer, *spec.args, **keywords)
+        return None
+
+    return map_spec(node, visit)
 
 
 def _is_moe_layer(module: Any) -> bool:

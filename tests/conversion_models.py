@@ -25,6 +25,8 @@ def hf_config(family: str, **overrides):
                                               "num_experts_per_tok": 2, "head_dim": 16, "norm_topk_prob": True}),
         "qwen2_moe": (tf.Qwen2MoeConfig, {"moe_intermediate_size": 16, "num_experts": 8,
                                               "num_experts_per_tok": 2, "shared_expert_intermediate_size": 24}),
+        "olmoe": (tf.OlmoeConfig, {"num_experts": 8, "num_experts_per_tok": 2, "pad_token_id": 1,
+                                   "eos_token_id": 2}),
         "mixtral": (tf.MixtralConfig, {"num_local_experts": 8, "num_experts_per_tok": 2}),
     }[family]
     config_class, extra = settings

@@ -20,7 +20,7 @@ from megatron_emoe.conversion.families import ConversionError
 from tests.conversion_models import hf_logits, megatron_logits, save_hf_model, tokens
 from tools.convert_checkpoint import main as convert_main
 
-FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral"]
+FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"]
 LOGITS_TOLERANCE = 1e-4
 LAYOUT_TOLERANCE = 1e-5
 
@@ -271,3 +271,10 @@ def test_converted_model_finetunes_with_emoe_and_serves_from_hf(tmp_path):
     assert any(not torch.equal(trained[n], original[n]) for n in original)  # it did train
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=tokens()).logits).all()
+
+
+def test_olmoe_refuses_tensor_parallel_targets(tmp_path, capsys):
+    hf = save_hf_model("olmoe", str(tmp_path / "olmoe"))
+    err = refused(["hf-to-megatron", "--hf-path", hf, "--output", str(tmp_path / "o"),
+                   "--target-tensor-parallel-size", "2"], capsys)
+    assert "--target-tensor-parallel-size 2" in err and "all heads" in err

@@ -80,6 +80,11 @@ def check_layout(config, family: Family, tp: int, ep: int) -> None:
         ("--target-tensor-parallel-size", tp, "num_key_value_heads", flags["num-query-groups"]),
         ("--target-expert-parallel-size", ep, "number of experts", flags["num-experts"]),
     ]
+    if flags.get("qk-layernorm-across-heads") and tp > 1:
+        raise ConversionError(
+            f"--target-tensor-parallel-size {tp}: {family.name}'s query/key norm spans all heads, "
+            "which Megatron cannot split over tensor-parallel ranks; use 1 (expert parallelism works)"
+        )
     for flag, size, what, count in divides:
         if count % size:
             raise ConversionError(f"{flag} {size} does not divide the {what} ({count})")

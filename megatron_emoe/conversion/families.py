@@ -50,7 +50,8 @@ class Style:
     shared_prefix: str | None = None  # HF shared-expert module, if the family has one
     shared_gate: str | None = None  # HF shared-expert sigmoid gate, if any
     qkv_bias: bool = False
-    qk_norm: bool = False  # per-head RMSNorm on queries and keys
+    qk_norm: bool = False  # RMSNorm on queries and keys (per head unless across_heads)
+    qk_norm_across_heads: bool = False  # ... over the whole projection (OLMoE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,7 @@ class Family:
             "disable-bias-linear": True,
             "add-qkv-bias": style.qkv_bias,
             "qk-layernorm": style.qk_norm,
+            "qk-layernorm-across-heads": style.qk_norm_across_heads,
             "untie-embeddings-and-output-weights": not config.tie_word_embeddings,
             "init-method-std": getattr(config, "initializer_range", 0.02),
             "attention-dropout": 0.0,
@@ -290,6 +292,13 @@ register(
         "qwen2_moe",
         ("qwen2_moe",),
         Style(shared_prefix="shared_expert", shared_gate="shared_expert_gate", qkv_bias=True),
+    )
+)
+register(
+    Family(
+        "olmoe",
+        ("olmoe",),
+        Style(expert_width_key="intermediate_size", qk_norm=True, qk_norm_across_heads=True),
     )
 )
 register(

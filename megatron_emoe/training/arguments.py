@@ -31,6 +31,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="JSON file for the --elastic-eval-budgets table (default: <save>/elastic_eval.json).",
     )
     group.add_argument(
+        "--qk-layernorm-across-heads", action="store_true",
+        help="With --qk-layernorm: normalise the whole query and key projections (all heads at "
+        "once, as OLMoE does) instead of each head. Needs --tensor-model-parallel-size 1.",
+    )
+    group.add_argument(
         "--allow-overwrite-save", action="store_true",
         help="Allow --save to point at a folder holding a checkpoint this run does not resume "
         "from (its iterations would be overwritten).",

@@ -8,10 +8,21 @@ from megatron_emoe.config import ElasticMoEConfig
 from megatron_emoe.spec import with_elastic_router
 
 
-def _elastic_default_spec(model_config, vp_stage=None, *, elastic: ElasticMoEConfig):
+def _elastic_default_spec(model_config, vp_stage=None, *, elastic: ElasticMoEConfig, adapt):
     from megatron.training.models.gpt import default_layer_spec
 
-    return with_elastic_router(default_layer_spec(model_config, vp_stage), elastic)
+    return adapt(with_elastic_router(default_layer_spec(model_config, vp_stage), elastic))
+
+
+def _architecture_options(args):
+    """Spec changes our own architecture flags ask for (identity when none is set)."""
+    if getattr(args, "qk_layernorm_across_heads", False):
+        if not args.qk_layernorm:
+            raise ValueError("--qk-layernorm-across-heads needs --qk-layernorm")
+        from megatron_emoe.qk_norm import with_projection_qk_norm
+
+        return with_projection_qk_norm
+    return lambda spec: spec
 
 
 def elastic_gpt_config(args, elastic: ElasticMoEConfig):
@@ -19,13 +30,14 @@ def elastic_gpt_config(args, elastic: ElasticMoEConfig):
     from megatron.training.argument_utils import gpt_config_from_args
 
     model_config = gpt_config_from_args(args)
+    adapt = _architecture_options(args)
     if model_config.transformer_layer_spec is not None:  # --spec names a custom spec
         base = model_config.transformer_layer_spec
-        model_config.transformer_layer_spec = with_elastic_router(
+        model_config.transformer_layer_spec = adapt(with_elastic_router(
             base(model_config) if callable(base) else base, elastic
-        )
+        ))
     else:
         model_config.transformer_layer_spec = functools.partial(
-            _elastic_default_spec, elastic=elastic
+            _elastic_default_spec, elastic=elastic, adapt=adapt
         )
     return model_config
