@@ -240,14 +240,18 @@ def test_bad_megatron_inputs_are_refused(small_hf, small_megatron, tmp_path, cap
 # ---------------------------------------------------------------------- with training -----
 @pytest.mark.slow
 def test_converted_model_finetunes_with_emoe_and_serves_from_hf(tmp_path):
-    """hf-to-megatron -> the training entry (--finetune, EMoE, EP=2) -> megatron-to-hf -> transformers."""
+    """hf-to-megatron -> the training entry (--finetune, EMoE, EP=2) -> megatron-to-hf -> transformers.
+
+    The entry keeps the checkpoint's embedding rows and its `hf/` folder, so nothing else is needed.
+    """
     from transformers import AutoModelForCausalLM
 
     from megatron_emoe.data.default_data import ensure_default_data
     from tests.training_runs import run_training
 
     data = ensure_default_data(tmp_path / "data", corpus_bytes=300_000, vocab_size=512)
-    hf = save_hf_model("qwen3_moe", str(tmp_path / "hf"), vocab_size=512)
+    # 520 vocabulary rows for a 512-token tokenizer, as with Qwen's padded embeddings
+    hf = save_hf_model("qwen3_moe", str(tmp_path / "hf"), vocab_size=520)
     megatron = str(tmp_path / "megatron")
     hf_to_megatron(HFToMegatron(hf_path=hf, output=megatron, target_expert_parallel_size=2))
     code, out = run_training(
@@ -262,8 +266,8 @@ def test_converted_model_finetunes_with_emoe_and_serves_from_hf(tmp_path):
     assert code == 0, out[-3000:]
     assert "successfully loaded checkpoint" in out
     served = str(tmp_path / "served")
-    megatron_to_hf(MegatronToHF(load=str(tmp_path / "sft"), output=served, hf_config=hf,
-                                num_experts_per_tok=4))
+    assert (tmp_path / "sft" / "hf" / "config.json").is_file()  # carried over by the entry
+    megatron_to_hf(MegatronToHF(load=str(tmp_path / "sft"), output=served, num_experts_per_tok=4))
     model = AutoModelForCausalLM.from_pretrained(served)
     assert model.config.num_experts_per_tok == 4
     trained, original = all_tensors(served), all_tensors(hf)

@@ -16,8 +16,8 @@ import yaml
 
 from megatron_emoe.conversion import hf_files
 from megatron_emoe.conversion.families import ConversionError, Family, family_for
+from megatron_emoe.training.checkpoints import HF_SUBDIR  # source config + tokenizer, kept alongside
 
-HF_SUBDIR = "hf"  # config + tokenizer of the source model, kept with the Megatron checkpoint
 MODEL_FLAGS = "model.yaml"  # the Megatron flags of the model, for `--config`
 MAKE_VOCAB_DIVISIBLE_BY = 128  # Megatron's default --make-vocab-size-divisible-by
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved

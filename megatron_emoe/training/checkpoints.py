@@ -107,3 +107,21 @@ def checkpoint_args(checkpoint_dir: str):
     tracked = _tracked(checkpoint_dir)
     name = "release" if tracked == "release" else iteration_dir(int(tracked))
     return dist_checkpointing.load_common_state_dict(os.path.join(checkpoint_dir, name)).get("args")
+
+
+HF_SUBDIR = "hf"  # config + tokenizer of a converted model's Hugging Face source
+
+
+def carry_hf_config(load_dir: str | None, save_dir: str | None) -> None:
+    """Copy the `hf/` folder of a converted checkpoint into `save_dir`, so that
+    `convert_checkpoint.py megatron-to-hf` finds it there too (rank 0 only; copied whole or not)."""
+    if not load_dir or not save_dir:
+        return
+    source, target = os.path.join(load_dir, HF_SUBDIR), os.path.join(save_dir, HF_SUBDIR)
+    if not os.path.isdir(source) or os.path.exists(target):
+        return
+    os.makedirs(save_dir, exist_ok=True)
+    incoming = f"{target}.incoming"
+    shutil.rmtree(incoming, ignore_errors=True)
+    shutil.copytree(source, incoming)
+    os.replace(incoming, target)

@@ -105,7 +105,35 @@ def check_before_parsing_done(args) -> None:
     check_budgets(args)
 
 
+def adopt_checkpoint_vocab(args) -> None:
+    """Take the loaded checkpoint's embedding rows (`padded_vocab_size`) instead of padding the
+    tokenizer's size again: converted models keep their Hugging Face vocabulary size, which the
+    tokenizer may not match (Qwen: 151,936 rows, 151,646 tokens)."""
+    if latest_iteration(args.load) is None:
+        return
+    saved = checkpoint_args(args.load)
+    rows = getattr(saved, "padded_vocab_size", None)
+    if rows and getattr(args, "padded_vocab_size", None) is None:
+        args.padded_vocab_size = rows
+
+
+def check_vocab_rows(args, tokenizer_vocab_size: int) -> None:
+    """The embedding must have a row for every token and split evenly over TP ranks."""
+    rows = args.padded_vocab_size
+    if rows < tokenizer_vocab_size:
+        raise TrainingInputError(
+            f"--tokenizer-model has {tokenizer_vocab_size} tokens but the checkpoint in --load "
+            f"{args.load} has {rows} embedding rows: use the tokenizer the model was trained with"
+        )
+    if rows % args.tensor_model_parallel_size:
+        raise TrainingInputError(
+            f"the checkpoint's {rows} embedding rows do not split over "
+            f"--tensor-model-parallel-size {args.tensor_model_parallel_size}"
+        )
+
+
 def check_before_training(args, tokenizer_vocab_size: int) -> None:
-    """Checks that need the tokenizer: data files, then checkpoints."""
+    """Checks that need the tokenizer: data files, embedding rows, then checkpoints."""
     check_data(args, tokenizer_vocab_size)
+    check_vocab_rows(args, tokenizer_vocab_size)
     check_checkpoints(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,6 +20,7 @@ def parse_and_check(argv: Sequence[str]):
     args = parse_training_args(cpu_loop.with_cpu_flags(expand_config_argv(argv)))
     checks.check_before_parsing_done(args)
     validate_args(args, {"tokenizer_type": "HuggingFaceTokenizer"})
+    checks.adopt_checkpoint_vocab(args)
     set_global_variables(args)
     checks.check_before_training(args, tokenizer_vocab_size=get_tokenizer().vocab_size)
     return args, elastic_config_from_args(args)
@@ -41,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cpu_loop.enable()
     training.save_checkpoint = checkpoints.staged(checkpointing.save_checkpoint)
     router_metrics.install_tracker(hr_loss=elastic.mode != "topk" and elastic.hr_loss_coeff > 0)
+    if int(os.environ.get("RANK", "0")) == 0:
+        checkpoints.carry_hf_config(args.load, args.save)
 
     training.pretrain(
         pretrain_cfg_container_from_args(args, elastic_gpt_config(args, elastic)),
