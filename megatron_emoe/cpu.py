@@ -94,7 +94,7 @@ def enable() -> None:
     from megatron.core import utils
     from megatron.core.dist_checkpointing.strategies import filesystem_async, state_dict_saver
     from megatron.core.fusions import fused_softmax
-    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.models.common.embeddings import rotary_pos_embedding, yarn_rotary_pos_embedding
     from megatron.core.tensor_parallel import layers, mappings, random
     from megatron.core.transformer import multi_token_prediction
     from megatron.core.transformer import utils as transformer_utils
@@ -109,6 +109,8 @@ def enable() -> None:
     utils.torch = cpu_torch
     # RotaryEmbedding moves inv_freq to torch.cuda.current_device() on every forward.
     rotary_pos_embedding.torch = cpu_torch
+    # YarnRotaryEmbedding (MLA's YaRN) allocates its frequencies there too.
+    yarn_rotary_pos_embedding.torch = cpu_torch
     # MTP's loss bookkeeping allocates on torch.cuda.current_device().
     multi_token_prediction.torch = cpu_torch
     # Parallel linears allocate weights on torch.cuda.current_device() (use_cpu_initialization=False).

@@ -15,6 +15,12 @@ COMMON = {
     "tie_word_embeddings": False,
 }
 
+DEEPSEEK = {
+    "num_key_value_heads": 4, "moe_intermediate_size": 16, "n_routed_experts": 8, "n_shared_experts": 1,
+    "num_experts_per_tok": 2, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+    "v_head_dim": 8, "first_k_dense_replace": 1,
+}
+
 
 def hf_config(family: str, **overrides):
     """A tiny config of `family` with 8 routed experts, k = 2."""
@@ -27,6 +33,16 @@ def hf_config(family: str, **overrides):
                                               "num_experts_per_tok": 2, "shared_expert_intermediate_size": 24}),
         "olmoe": (tf.OlmoeConfig, {"num_experts": 8, "num_experts_per_tok": 2, "pad_token_id": 1,
                                    "eos_token_id": 2}),
+        "deepseek_v2": (tf.DeepseekV2Config, {**DEEPSEEK, "q_lora_rank": None, "routed_scaling_factor": 1.5,
+                                              "topk_method": "group_limited_greedy", "n_group": 4,
+                                              "topk_group": 2}),
+        # YaRN and rotate-half RoPE rows (rope_interleave=False) exercise the rarer mappings
+        "deepseek_v3": (tf.DeepseekV3Config, {**DEEPSEEK, "q_lora_rank": 24, "n_group": 2, "topk_group": 1,
+                                              "rope_interleave": False, "rope_parameters": {
+                                                  "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                  "mscale": 0.707, "mscale_all_dim": 0.707,
+                                                  "original_max_position_embeddings": 4096,
+                                                  "beta_fast": 32, "beta_slow": 1}}),
         "mixtral": (tf.MixtralConfig, {"num_local_experts": 8, "num_experts_per_tok": 2}),
     }[family]
     config_class, extra = settings
@@ -44,6 +60,9 @@ def save_hf_model(family: str, folder: str, seed: int = 0, **overrides) -> str:
         for name, param in model.named_parameters():
             if name.endswith(("norm.weight", "layernorm.weight", "bias")):
                 param.add_(0.1 * torch.randn_like(param))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection-only bias
+                buffer.copy_(0.1 * torch.randn_like(buffer))
     model.save_pretrained(folder)
     return folder
 

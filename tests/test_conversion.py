@@ -20,7 +20,7 @@ from megatron_emoe.conversion.families import ConversionError
 from tests.conversion_models import hf_logits, megatron_logits, save_hf_model, tokens
 from tools.convert_checkpoint import main as convert_main
 
-FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"]
+FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3"]
 LOGITS_TOLERANCE = 1e-4
 LAYOUT_TOLERANCE = 1e-5
 
@@ -282,3 +282,18 @@ def test_olmoe_refuses_tensor_parallel_targets(tmp_path, capsys):
     err = refused(["hf-to-megatron", "--hf-path", hf, "--output", str(tmp_path / "o"),
                    "--target-tensor-parallel-size", "2"], capsys)
     assert "--target-tensor-parallel-size 2" in err and "all heads" in err
+
+
+@pytest.mark.parametrize("family,change,named", [
+    ("deepseek_v2", {"n_group": 4, "topk_group": 1}, "group_limited_greedy"),
+    ("deepseek_v3", {"norm_topk_prob": False}, "norm_topk_prob"),
+    ("deepseek_v3", {"n_group": 4, "topk_group": 2, "num_experts_per_tok": 2}, "top-2"),
+    ("deepseek_v3", {"rms_norm_eps": 1e-5}, "rms_norm_eps"),
+    ("qwen3_moe", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope"),
+])
+def test_configs_megatron_cannot_reproduce_are_refused(family, change, named):
+    from megatron_emoe.conversion.families import family_for
+    from tests.conversion_models import hf_config
+
+    with pytest.raises(ConversionError, match=named):
+        family_for(hf_config(family, **change))

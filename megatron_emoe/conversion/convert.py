@@ -77,7 +77,8 @@ def check_layout(config, family: Family, tp: int, ep: int) -> None:
     flags = family.megatron_flags(config)
     divides = [
         ("--target-tensor-parallel-size", tp, "num_attention_heads", flags["num-attention-heads"]),
-        ("--target-tensor-parallel-size", tp, "num_key_value_heads", flags["num-query-groups"]),
+        ("--target-tensor-parallel-size", tp, "num_key_value_heads",
+         flags.get("num-query-groups", flags["num-attention-heads"])),
         ("--target-expert-parallel-size", ep, "number of experts", flags["num-experts"]),
     ]
     if flags.get("qk-layernorm-across-heads") and tp > 1:
@@ -90,9 +91,9 @@ def check_layout(config, family: Family, tp: int, ep: int) -> None:
             raise ConversionError(f"{flag} {size} does not divide the {what} ({count})")
 
 
-def check_hf_tensors(reader, expected: set[str], folder: str) -> None:
+def check_hf_tensors(reader, expected: set[str], folder: str, ignored=lambda name: False) -> None:
     """The folder holds exactly the tensors the config implies: none missing, none unexplained."""
-    present = {n for n in reader.names() if not n.endswith(IGNORED_HF_TENSORS)}
+    present = {n for n in reader.names() if not n.endswith(IGNORED_HF_TENSORS) and not ignored(n)}
     missing, extra = sorted(expected - present), sorted(present - expected)
     if missing:
         raise ConversionError(
@@ -165,7 +166,8 @@ def hf_to_megatron(settings: HFToMegatron) -> None:
     vocab = padded_vocab(config.vocab_size, tp)
     rules = family.rules(config, vocab)
     reader = hf_files.SafetensorsReader(settings.hf_path)
-    check_hf_tensors(reader, {n for rule in rules for n in rule.hf}, settings.hf_path)
+    check_hf_tensors(reader, {n for rule in rules for n in rule.hf}, settings.hf_path,
+                     ignored=lambda name: family.ignores(config, name))
     flags = family.megatron_flags(config)
     flags.update({"tensor-model-parallel-size": tp, "expert-model-parallel-size": ep,
                   "make-vocab-size-divisible-by": MAKE_VOCAB_DIVISIBLE_BY})
@@ -206,7 +208,7 @@ def _hf_to_megatron_rank(rank: int, argv, vocab: int, hf_path: str, family_name:
 
 def _write_model_flags(staging: str, output: str, flags: dict, tokenizer: bool) -> None:
     """`model.yaml`: the model's Megatron flags, for `pretrain_gpt_emoe.py --config`."""
-    mapping = {name: value for name, value in flags.items() if value is not False}
+    mapping = {name: value for name, value in flags.items() if value is not False and value is not None}
     if tokenizer:
         mapping["tokenizer-type"] = "HuggingFaceTokenizer"
         mapping["tokenizer-model"] = os.path.join(os.path.abspath(output), HF_SUBDIR)

@@ -13,30 +13,10 @@ from typing import Any
 
 import torch
 
-from megatron_emoe.conversion import tensors
+from megatron_emoe.conversion import deepseek, tensors
+from megatron_emoe.conversion.rules import ConversionError, Rule, rope_parameters
 
-
-class ConversionError(ValueError):
-    """Input the converter refuses: unsupported architecture, bad layout, missing tensors."""
-
-
-def _one(*hf: torch.Tensor) -> torch.Tensor:
-    (tensor,) = hf
-    return tensor
-
-
-def _as_tuple(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return (tensor,)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One Megatron parameter and the HF tensors it is built from (and split back into)."""
-
-    megatron: str
-    hf: tuple[str, ...]
-    to_megatron: Callable[..., torch.Tensor] = _one
-    to_hf: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = _as_tuple
+__all__ = ["FAMILIES", "ConversionError", "Family", "Rule", "Style", "family_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +32,8 @@ class Style:
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm on queries and keys (per head unless across_heads)
     qk_norm_across_heads: bool = False  # ... over the whole projection (OLMoE)
+    attention: str = "gqa"  # "gqa" (q/k/v projections) or "mla" (DeepSeek multi-latent attention)
+    router: str = "softmax"  # "softmax" (top-k of softmax), "deepseek_v2" or "deepseek_v3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +51,9 @@ class Family:
         if getattr(config, "hidden_act", "silu") != "silu":
             problems.append(f"hidden_act={config.hidden_act!r} (only 'silu', i.e. SwiGLU)")
         rope = rope_parameters(config)
-        if rope.get("rope_type", "default") != "default":
-            problems.append(f"rope_scaling type {rope.get('rope_type')!r} (only the default RoPE)")
+        allowed = ("default", "yarn") if self.style.attention == "mla" else ("default",)
+        if rope.get("rope_type", "default") not in allowed:
+            problems.append(f"rope_scaling type {rope.get('rope_type')!r} (only {', '.join(allowed)})")
         if float(rope["rope_theta"]) != int(rope["rope_theta"]):
             problems.append(f"rope_theta={rope['rope_theta']} (Megatron's --rotary-base is an int)")
         if getattr(config, "use_sliding_window", False) or (
@@ -84,6 +67,10 @@ class Family:
             problems.append(f"clip_qkv={config.clip_qkv}")
         if num_experts(config, self.style) < 2:
             problems.append("fewer than 2 routed experts")
+        if getattr(config, "quantization_config", None):
+            problems.append("a quantized checkpoint (quantization_config): dequantize it to bf16 first")
+        if self.style.attention == "mla":
+            problems += deepseek.problems(config, self.style.router)
         if problems:
             raise ConversionError(
                 f"{self.name}: this Hugging Face config cannot be converted exactly: "
@@ -101,9 +88,6 @@ class Family:
             "hidden-size": config.hidden_size,
             "ffn-hidden-size": config.intermediate_size,
             "num-attention-heads": heads,
-            "kv-channels": head_dim(config),
-            "group-query-attention": groups != heads,
-            "num-query-groups": groups,
             "max-position-embeddings": config.max_position_embeddings,
             "seq-length": min(config.max_position_embeddings, 4096),
             "position-embedding-type": "rope",
@@ -123,16 +107,24 @@ class Family:
             "num-experts": num_experts(config, style),
             "moe-router-topk": config.num_experts_per_tok,
             "moe-ffn-hidden-size": getattr(config, style.expert_width_key),
-            "moe-router-pre-softmax": not normalizes_topk(config, self.name),
             "moe-token-dispatcher-type": "alltoall",
             "moe-router-load-balancing-type": "aux_loss",
             "moe-aux-loss-coeff": getattr(config, "router_aux_loss_coef", 0.0) or 0.0,
             "expert-tensor-parallel-size": 1,
         }
+        if style.attention == "mla":
+            flags.update(deepseek.attention_flags(config))
+        else:
+            flags.update({"kv-channels": head_dim(config), "group-query-attention": groups != heads,
+                          "num-query-groups": groups})
+        if style.router == "softmax":
+            flags["moe-router-pre-softmax"] = not normalizes_topk(config, self.name)
+        else:
+            flags.update(deepseek.router_flags(config, style.router))
         if not all(moe):
             flags["moe-layer-freq"] = "[" + ",".join("1" if m else "0" for m in moe) + "]"
         if style.shared_prefix:
-            flags["moe-shared-expert-intermediate-size"] = config.shared_expert_intermediate_size
+            flags["moe-shared-expert-intermediate-size"] = shared_expert_width(config)
             flags["moe-shared-expert-gate"] = style.shared_gate is not None
         dtype = torch_dtype(config)
         flags["bf16"] = dtype == torch.bfloat16
@@ -161,9 +153,16 @@ class Family:
                 )
             )
         for layer, is_moe in enumerate(moe_layer_pattern(config)):
-            rules += self._attention_rules(config, layer)
+            if self.style.attention == "mla":
+                rules += deepseek.attention_rules(config, layer)
+            else:
+                rules += self._attention_rules(config, layer)
             rules += self._moe_rules(config, layer) if is_moe else self._dense_rules(layer)
         return rules
+
+    def ignores(self, config, name: str) -> bool:
+        """HF tensors transformers itself does not load (DeepSeek-V3's multi-token prediction)."""
+        return self.style.attention == "mla" and deepseek.is_mtp_tensor(config, name)
 
     def _attention_rules(self, config, layer: int) -> list[Rule]:
         hf, meg = f"model.layers.{layer}", f"decoder.layers.{layer}"
@@ -209,6 +208,8 @@ class Family:
         style = self.style
         hf, meg = f"model.layers.{layer}.{style.moe_prefix}", f"decoder.layers.{layer}.mlp"
         rules = [Rule(f"{meg}.router.weight", (f"{hf}.gate.weight",))]
+        if self.style.router == "deepseek_v3":
+            rules.append(Rule(f"{meg}.router.expert_bias", (f"{hf}.gate.e_score_correction_bias",)))
         for expert in range(num_experts(config, style)):
             rules += _swiglu_rules(
                 f"{meg}.experts.local_experts.{expert}", f"{hf}.experts.{expert}", style.expert_names
@@ -242,16 +243,6 @@ def _swiglu_rules(meg: str, hf: str, names: tuple[str, str, str]) -> list[Rule]:
 
 
 # ---------------------------------------------------------------------- config helpers -----
-def rope_parameters(config) -> dict:
-    """RoPE settings from a transformers 5 `rope_parameters` dict or the older fields."""
-    rope = getattr(config, "rope_parameters", None)
-    if rope:
-        return dict(rope)
-    scaling = getattr(config, "rope_scaling", None) or {}
-    return {"rope_type": scaling.get("rope_type", scaling.get("type", "default")),
-            "rope_theta": getattr(config, "rope_theta", 10000.0)}
-
-
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -270,8 +261,19 @@ def normalizes_topk(config, family: str) -> bool:
     return True if family == "mixtral" else bool(getattr(config, "norm_topk_prob", False))
 
 
+def shared_expert_width(config) -> int:
+    """Width of the shared expert(s): Qwen2-MoE names it, DeepSeek counts experts."""
+    if getattr(config, "shared_expert_intermediate_size", None):
+        return config.shared_expert_intermediate_size
+    return config.n_shared_experts * config.moe_intermediate_size
+
+
 def moe_layer_pattern(config) -> list[bool]:
-    """For each decoder layer, whether it is an MoE layer (Qwen-style sparse-step / dense list)."""
+    """For each decoder layer, whether it is an MoE layer (Qwen-style sparse-step / dense list,
+    DeepSeek's first dense layers)."""
+    first_moe = getattr(config, "first_k_dense_replace", None) or 0
+    if first_moe:
+        return [i >= first_moe for i in range(config.num_hidden_layers)]
     dense = set(getattr(config, "mlp_only_layers", None) or [])
     step = getattr(config, "decoder_sparse_step", None) or 1
     return [i not in dense and (i + 1) % step == 0 for i in range(config.num_hidden_layers)]
@@ -313,6 +315,16 @@ register(
         ),
     )
 )
+
+for _version in ("v2", "v3"):
+    register(
+        Family(
+            f"deepseek_{_version}",
+            (f"deepseek_{_version}",),
+            Style(experts_key="n_routed_experts", shared_prefix="shared_experts",
+                  attention="mla", router=f"deepseek_{_version}"),
+        )
+    )
 
 
 def family_for(config) -> Family:

@@ -15,14 +15,25 @@ def _elastic_default_spec(model_config, vp_stage=None, *, elastic: ElasticMoECon
 
 
 def _architecture_options(args):
-    """Spec changes our own architecture flags ask for (identity when none is set)."""
+    """Spec changes the flags ask for beyond Megatron's default spec (identity when none)."""
+    changes = []
     if getattr(args, "qk_layernorm_across_heads", False):
         if not args.qk_layernorm:
             raise ValueError("--qk-layernorm-across-heads needs --qk-layernorm")
         from megatron_emoe.qk_norm import with_projection_qk_norm
 
-        return with_projection_qk_norm
-    return lambda spec: spec
+        changes.append(with_projection_qk_norm)
+    if getattr(args, "multi_latent_attention", False) and args.transformer_impl == "local":
+        from megatron_emoe.mla import with_local_mla
+
+        changes.append(functools.partial(with_local_mla, q_lora_rank=args.q_lora_rank))
+
+    def adapt(spec):
+        for change in changes:
+            spec = change(spec)
+        return spec
+
+    return adapt
 
 
 def elastic_gpt_config(args, elastic: ElasticMoEConfig):
