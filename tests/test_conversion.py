@@ -98,9 +98,10 @@ def test_serving_budget_written_to_config(converted, tmp_path):
 
 
 @pytest.mark.slow
-def test_expert_parallel_checkpoint_through_hf_to_single_rank(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_expert_parallel_checkpoint_through_hf_to_single_rank(tmp_path, family):
     """Megatron at EP=2 (2 gloo ranks) -> HF -> Megatron at EP=1: the same logits."""
-    hf = save_hf_model("qwen2_moe", str(tmp_path / "hf"), seed=1)
+    hf = save_hf_model(family, str(tmp_path / "hf"), seed=1)
     ep2 = str(tmp_path / "ep2")
     assert convert_main(["hf-to-megatron", "--hf-path", hf, "--output", ep2,
                          "--target-expert-parallel-size", "2"]) == 0
