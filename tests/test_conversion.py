@@ -245,7 +245,7 @@ def test_converted_model_finetunes_with_emoe_and_serves_from_hf(tmp_path):
 
     The entry keeps the checkpoint's embedding rows and its `hf/` folder, so nothing else is needed.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_emoe.data.default_data import ensure_default_data
     from tests.training_runs import run_training
@@ -253,6 +253,8 @@ def test_converted_model_finetunes_with_emoe_and_serves_from_hf(tmp_path):
     data = ensure_default_data(tmp_path / "data", corpus_bytes=300_000, vocab_size=512)
     # 520 vocabulary rows for a 512-token tokenizer, as with Qwen's padded embeddings
     hf = save_hf_model("qwen3_moe", str(tmp_path / "hf"), vocab_size=520)
+    for name in os.listdir(data["tokenizer_model"]):  # the model ships with its tokenizer
+        shutil.copy(os.path.join(data["tokenizer_model"], name), hf)
     megatron = str(tmp_path / "megatron")
     hf_to_megatron(HFToMegatron(hf_path=hf, output=megatron, target_expert_parallel_size=2))
     code, out = run_training(
@@ -261,7 +263,6 @@ def test_converted_model_finetunes_with_emoe_and_serves_from_hf(tmp_path):
          "--moe-router-mode", "emoe", "--emoe-k-ideal", "4", "--emoe-hr-loss-coeff", "1e-3",
          "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "0",
          "--eval-iters", "1", "--eval-interval", "1000", "--log-interval", "1",
-         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", data["tokenizer_model"],
          "--train-data-path", data["pretrain_train"], "--valid-data-path", data["pretrain_valid"]],
         tmp_path / "sft.log")
     assert code == 0, out[-3000:]
@@ -270,6 +271,7 @@ def test_converted_model_finetunes_with_emoe_and_serves_from_hf(tmp_path):
     assert (tmp_path / "sft" / "hf" / "config.json").is_file()  # carried over by the entry
     megatron_to_hf(MegatronToHF(load=str(tmp_path / "sft"), output=served, num_experts_per_tok=4))
     model = AutoModelForCausalLM.from_pretrained(served)
+    assert AutoTokenizer.from_pretrained(served).vocab_size == 512  # tokenizer-model from model.yaml
     assert model.config.num_experts_per_tok == 4
     trained, original = all_tensors(served), all_tensors(hf)
     assert sorted(trained) == sorted(original)
