@@ -172,6 +172,12 @@ class ElasticMoEConfig:
             self._validate_mmoe(tc)
         if self.mode != "topk":
             self._validate_router_features(tc)
+            if _ncclep(tc):
+                raise ValueError(
+                    f"--moe-router-mode {self.mode} varies the experts per token, but "
+                    "--moe-flex-dispatcher-backend ncclep sizes its buffers once from the first "
+                    "dispatch: use deepep, hybridep or --moe-token-dispatcher-type alltoall"
+                )
         if self.active_experts is not None:
             validate_budget(self.active_experts, tc, flag="--moe-active-experts")
 
@@ -242,6 +248,11 @@ def decoder_moe_layers(tc) -> list[int]:
     return [i + 1 for i, is_moe in enumerate(pattern) if is_moe]
 
 
+def _ncclep(tc) -> bool:
+    return (tc.moe_token_dispatcher_type == "flex"
+            and getattr(tc, "moe_flex_dispatcher_backend", None) == "ncclep")
+
+
 def validate_budget(budget: Budget, tc, flag: str = "active experts") -> Budget:
     """Check an inference budget k' and return it as None, an int, or a tuple (one per layer).
 
@@ -254,9 +265,13 @@ def validate_budget(budget: Budget, tc, flag: str = "active experts") -> Budget:
     if not values or any(isinstance(k, bool) or not isinstance(k, int) for k in values):
         raise ValueError(f"{flag} must be an int or a list of ints, got {budget!r}")
     limit = max_routable_experts(tc)
+    if _ncclep(tc):  # buffers sized from the training top-k at the first dispatch
+        limit = min(limit, tc.moe_router_topk)
     for k in values:
         if not 1 <= k <= limit:
-            raise ValueError(f"{flag} must be in [1, {limit}] ({_limit_reason(tc)}), got {k}")
+            reason = ("the ncclep flex backend cannot grow past the training top-k" if _ncclep(tc)
+                      else _limit_reason(tc))
+            raise ValueError(f"{flag} must be in [1, {limit}] ({reason}), got {k}")
     if isinstance(budget, int):
         return budget
     num_decoder = len(decoder_moe_layers(tc))

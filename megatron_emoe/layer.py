@@ -38,7 +38,14 @@ class ElasticMoELayer(MoELayer):
                 f"ElasticMoELayer needs an ElasticRouter, got {type(self.router).__name__}; "
                 "build the spec with megatron_emoe.with_elastic_router"
             )
-        self.token_dispatcher.config = copy.copy(self.token_dispatcher.config)
+        private = copy.copy(self.token_dispatcher.config)
+        self.token_dispatcher.config = private
+        # The flex dispatcher's communication manager (DeepEP / HybridEP) keeps its own reference
+        # to the config and reads moe_router_topk from it (HybridEP sizes its rank-capacity budget
+        # and drop-and-pad capacity with it): it must see the private copy too.
+        manager = getattr(self.token_dispatcher, "_comm_manager", None)
+        if manager is not None and getattr(manager, "config", None) is not None:
+            manager.config = private
 
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().route(hidden_states, padding_mask)

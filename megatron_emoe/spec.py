@@ -7,7 +7,7 @@ import functools
 from typing import Any
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.router import InferenceTopKRouter, TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 
 from megatron_emoe.config import ElasticMoEConfig
@@ -88,6 +88,12 @@ def _elastic_submodules(submodules: Any, elastic: ElasticMoEConfig) -> Any:
         raise ValueError("with_elastic_router: an MoE layer spec has no submodules")
     router = submodules.router
     base = router.func if isinstance(router, functools.partial) else router
+    if isinstance(base, type) and issubclass(base, InferenceTopKRouter):
+        raise ValueError(
+            "with_elastic_router does not take InferenceTopKRouter "
+            "(transformer_impl='inference_optimized'): its dispatcher caches the top-k; use the "
+            "training layer spec and set_active_experts for elastic inference"
+        )
     if not (isinstance(base, type) and issubclass(base, TopKRouter)):
         raise ValueError(
             f"with_elastic_router replaces Megatron's TopKRouter, not {getattr(base, '__name__', base)}"

@@ -196,3 +196,33 @@ def test_spec_without_moe_is_rejected():
 
     with pytest.raises(ValueError, match="no MoE layer"):
         with_elastic_router(get_gpt_layer_local_spec(), ElasticMoEConfig())
+
+
+def test_ncclep_flex_backend_refuses_varying_experts_per_token():
+    tc = builders.moe_config(moe_token_dispatcher_type="flex", moe_flex_dispatcher_backend="ncclep")
+    with pytest.raises(ValueError, match="ncclep"):
+        ElasticMoEConfig(mode="emoe").validate(tc)
+    ElasticMoEConfig(mode="topk").validate(tc)
+    assert validate_budget(1, tc) == 1
+    with pytest.raises(ValueError, match=r"\[1, 2\].*ncclep"):
+        validate_budget(3, tc)
+
+
+def test_inference_router_spec_is_refused():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.router import InferenceTopKRouter
+
+    from megatron_emoe import with_elastic_router
+
+    spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    moe = spec.submodules.mlp
+    moe = moe.keywords["submodules"] if hasattr(moe, "keywords") else moe.submodules
+    inference = dataclasses.replace(moe, router=InferenceTopKRouter)
+    layer = spec.submodules.mlp
+    if hasattr(layer, "keywords"):
+        layer = functools.partial(layer.func, *layer.args, **{**layer.keywords, "submodules": inference})
+    else:
+        layer = dataclasses.replace(layer, submodules=inference)
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=layer))
+    with pytest.raises(ValueError, match="InferenceTopKRouter"):
+        with_elastic_router(spec, ElasticMoEConfig(mode="emoe"))
