@@ -16,6 +16,7 @@ setup(
         "torch>=2.6",
         "megatron-core~=0.19.2",
         "numpy",
+        "matplotlib",  # co-activation heatmaps (Agg backend, no display needed)
         "packaging",
         "psutil",  # dist_checkpointing needs it
         "pyyaml",  # --config files

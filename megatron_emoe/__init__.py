@@ -17,6 +17,7 @@ _LAZY = {
     "elastic_routers": "megatron_emoe.budget",
     "add_elastic_moe_args": "megatron_emoe.arguments",
     "elastic_config_from_args": "megatron_emoe.arguments",
+    "CoactivationRecorder": "megatron_emoe.coactivation",
 }
 
 __all__ = ["ElasticMoEConfig", *_LAZY]

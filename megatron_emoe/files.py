@@ -5,11 +5,20 @@ from __future__ import annotations
 import os
 
 
-def write_text_atomically(path: str, text: str) -> None:
+def write_bytes_atomically(path: str, data: bytes) -> None:
     """Write `path` through `<path>.tmp-<pid>`, flushed to disk, then renamed into place."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """`write_bytes_atomically` for UTF-8 text."""
+    write_bytes_atomically(path, text.encode("utf-8"))

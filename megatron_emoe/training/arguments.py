@@ -31,6 +31,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="JSON file for the --elastic-eval-budgets table (default: <save>/elastic_eval.json).",
     )
     group.add_argument(
+        "--coactivation-dir", type=str, default=None,
+        help="Record expert co-activation (tokens routed to both experts i and j, per MoE layer) "
+        "in this folder: training matrices at each checkpoint save and at the end "
+        "(train.npz, train_iter_N.npz, heatmaps in train/); with --elastic-eval-budgets also one "
+        "per budget (eval_kK.npz) and the train-vs-eval Frobenius distances "
+        "(coactivation_distance.json).",
+    )
+    group.add_argument(
         "--qk-layernorm-across-heads", action="store_true",
         help="With --qk-layernorm: normalise the whole query and key projections (all heads at "
         "once, as OLMoE does) instead of each head. Needs --tensor-model-parallel-size 1.",

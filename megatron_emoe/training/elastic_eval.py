@@ -34,20 +34,26 @@ def _validation_iterator_factory(args, datasets_provider):
     return lambda: iter(build_pretraining_data_loader(valid, 0))
 
 
-def evaluate_budgets(model, forward_step, budgets, make_iterator) -> dict[int, float]:
-    """Validation LM loss (nats/token) of `model` at each number of active experts."""
+def evaluate_budgets(
+    model, forward_step, budgets, make_iterator, coactivation_dir=None
+) -> dict[int, float]:
+    """Validation LM loss (nats/token) of `model` at each number of active experts; with
+    `coactivation_dir`, also each budget's co-activation matrices (`eval_kK.npz`)."""
     from megatron.core.utils import get_model_config
     from megatron.training.training import evaluate
 
+    from megatron_emoe import coactivation
     from megatron_emoe.budget import set_active_experts
 
     losses = {}
     try:
         for k in budgets:
             set_active_experts(model, k)
-            loss_dict, _, _ = evaluate(
-                forward_step, make_iterator(), model, None, get_model_config(model[0])
-            )
+            tag = coactivation.eval_tag(k)
+            with coactivation.recording(model, coactivation_dir, tag, budget=k):
+                loss_dict, _, _ = evaluate(
+                    forward_step, make_iterator(), model, None, get_model_config(model[0])
+                )
             losses[k] = float(loss_dict["lm loss"])
     finally:
         set_active_experts(model, None)
@@ -70,6 +76,8 @@ def run(args, model_config, datasets_provider, forward_step) -> dict[int, float]
     from megatron.training import print_rank_0
     from megatron.training.checkpointing import load_checkpoint
 
+    from megatron_emoe import coactivation
+
     builder = model_config.get_builder_cls()(model_config)
     model = builder.build_distributed_models(
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(), wrap_with_ddp=False
@@ -79,6 +87,7 @@ def run(args, model_config, datasets_provider, forward_step) -> dict[int, float]
     losses = evaluate_budgets(
         model, forward_step, args.elastic_eval_budgets,
         _validation_iterator_factory(args, datasets_provider),
+        coactivation_dir=args.coactivation_dir,
     )
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print_rank_0("validation loss by number of active experts (from the saved checkpoint):")
@@ -93,4 +102,10 @@ def run(args, model_config, datasets_provider, forward_step) -> dict[int, float]
             "val_loss": {str(k): v for k, v in losses.items()},
         }
         write_text_atomically(output, json.dumps(record, indent=2) + "\n")
+        if args.coactivation_dir:
+            table = coactivation.compare_directory(args.coactivation_dir)
+            if table is not None:
+                means = table["mean_over_layers"].items()
+                print_rank_0("co-activation distance to training, mean over layers: " + ", ".join(
+                    f"k'={k}: " + ("n/a" if d is None else f"{d:.4f}") for k, d in means))
     return losses

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from megatron.training import checkpointing, training
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
-    from megatron_emoe import router_metrics
+    from megatron_emoe import coactivation, router_metrics
     from megatron_emoe.training import checkpoints, cpu_loop, elastic_eval, wheel
     from megatron_emoe.training.data import train_valid_test_datasets_provider
     from megatron_emoe.training.model import elastic_gpt_config
@@ -41,7 +41,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, elastic = parse_and_check(sys.argv[1:] if argv is None else argv)
     wheel.apply()
     cpu_loop.enable()
-    training.save_checkpoint = checkpoints.staged(checkpointing.save_checkpoint)
+    training.save_checkpoint = coactivation.writing_at_saves(
+        checkpoints.staged(checkpointing.save_checkpoint)
+    )
+    if args.coactivation_dir:
+        coactivation.start_training_collection(args.coactivation_dir)
     router_metrics.install_tracker(hr_loss=elastic.mode != "topk" and elastic.hr_loss_coeff > 0)
     if int(os.environ.get("RANK", "0")) == 0:
         checkpoints.carry_hf_config(args.load, args.save)
@@ -52,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ModelType.encoder_or_decoder,
         forward_step,
     )
+    coactivation.finish_training_collection()  # the last window, if no save wrote it
     if args.elastic_eval_budgets:
         # A fresh model config: training hangs optimizer hooks on the one it used.
         elastic_eval.run(

@@ -76,9 +76,12 @@ def resume_budget_draws(model) -> None:
 
 def forward_step(data_iterator, model):
     """Megatron `forward_step_func`: run the model on one micro-batch, return output and loss fn."""
-    from megatron.training import get_timers
+    from megatron.training import get_args, get_timers
+
+    from megatron_emoe import coactivation
 
     resume_budget_draws(model)
+    coactivation.observe_training(model, getattr(get_args(), "curr_iteration", None))
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
