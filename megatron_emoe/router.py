@@ -6,6 +6,7 @@ and expert-bias updates stay Megatron's own code, fed with the map that is actua
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -45,6 +46,8 @@ class ElasticRouter(TopKRouter):
         self.dispatch_topk: int = self.train_topk
         # Count of M-MoE step/layer budget draws; advanced once per forward, not on recompute.
         self.budget_draws = 0
+        # Mean router entropy of the current training forward, when routing computed it.
+        self._entropy: Optional[torch.Tensor] = None
 
     # ---------------------------------------------------------------------------------------
     # Budget
@@ -86,10 +89,12 @@ class ElasticRouter(TopKRouter):
     # ---------------------------------------------------------------------------------------
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Return sparse gates and the boolean routing map, both `[tokens, experts]`."""
+        self._entropy = None
         probs, routing_map = self._route(logits, padding_mask)
         if self.training and torch.is_grad_enabled():  # once per micro-batch, not on recompute
             router_metrics.record(
-                self, logits.view(-1, self.config.num_moe_experts), routing_map
+                self, logits.view(-1, self.config.num_moe_experts), routing_map,
+                entropy=self._entropy,
             )
         return probs, routing_map
 
@@ -123,11 +128,14 @@ class ElasticRouter(TopKRouter):
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
             )
         if self.training and torch.is_grad_enabled():
+            # One softmax over all experts `[tokens, experts]` serves the aux losses, L_HR and
+            # the entropy metric (each used to compute its own).
+            full_softmax = torch.softmax(logits, dim=-1, dtype=torch.float32)
             if self.is_aux_loss_enabled():
                 probs = self._apply_aux_losses(
-                    probs, logits, map_for_aux_loss, padding_mask, seq_length, bsz
+                    probs, logits, map_for_aux_loss, padding_mask, seq_length, bsz, full_softmax
                 )
-            probs = self._apply_hr_loss(probs, logits, padding_mask)
+            probs = self._apply_hr_loss(probs, full_softmax, padding_mask)
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map
 
@@ -183,15 +191,23 @@ class ElasticRouter(TopKRouter):
             precomputed_indices=chosen,
         )
 
-    def _apply_aux_losses(self, probs, logits, routing_map, padding_mask, seq_length, bsz):
+    def _apply_aux_losses(
+        self, probs, logits, routing_map, padding_mask, seq_length, bsz, full_softmax
+    ):
         """Megatron's load-balancing losses, counted on the map this router dispatches."""
-        _, scores = compute_routing_scores_for_aux_loss(
-            logits,
-            self.dispatch_topk,
-            self.score_function,
-            fused=self.config.moe_router_fusion,
-            padding_mask=padding_mask,
-        )
+        if self.score_function == "softmax" and not self.config.moe_router_fusion:
+            # What compute_routing_scores_for_aux_loss returns, without its unused top-k map.
+            scores = full_softmax
+            if padding_mask is not None:
+                scores = scores * (~padding_mask).unsqueeze(-1)
+        else:
+            _, scores = compute_routing_scores_for_aux_loss(
+                logits,
+                self.dispatch_topk,
+                self.score_function,
+                fused=self.config.moe_router_fusion,
+                padding_mask=padding_mask,
+            )
         if padding_mask is not None:
             routing_map = routing_map & ~padding_mask.unsqueeze(-1)
         padded = padding_mask is not None
@@ -201,15 +217,17 @@ class ElasticRouter(TopKRouter):
         )
         return self._apply_global_aux_loss(probs, scores, routing_map, with_padding_mask=padded)
 
-    def _apply_hr_loss(self, probs, logits, padding_mask):
-        """Attach coeff * L_HR like Megatron's aux losses (scaled by the loss scale, logged)."""
-        coeff = self.elastic.hr_loss_coeff
-        if coeff == 0:
-            return probs
-        full_softmax = torch.softmax(logits.float(), dim=-1)
+    def _apply_hr_loss(self, probs, full_softmax, padding_mask):
+        """Attach coeff * L_HR like Megatron's aux losses (scaled by the loss scale, logged);
+        keep the router entropy for the metrics (L_HR = entropy - log N)."""
         if padding_mask is not None:
             full_softmax = full_softmax[~padding_mask]
-        hr_loss = routing.hierarchical_router_loss(full_softmax)
+        coeff = self.elastic.hr_loss_coeff
+        with torch.set_grad_enabled(coeff != 0):
+            hr_loss = routing.hierarchical_router_loss(full_softmax)
+        self._entropy = hr_loss.detach() + math.log(full_softmax.shape[-1])
+        if coeff == 0:
+            return probs
         # Each TP/CP rank averages its own tokens and router grads are summed over TP/CP, so
         # divide by that group's size (as Megatron does for the z-loss).
         return self.attach_and_log_load_balancing_loss(

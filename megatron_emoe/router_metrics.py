@@ -27,15 +27,18 @@ def _layer_slot(router) -> tuple[int, int]:
     return layer, num_layers
 
 
-def record(router, logits: torch.Tensor, routing_map: torch.Tensor) -> None:
-    """Record one training micro-batch of `router`: logits and map are `[tokens, experts]`."""
+def record(router, logits: torch.Tensor, routing_map: torch.Tensor, entropy=None) -> None:
+    """Record one training micro-batch of `router`: logits and map are `[tokens, experts]`;
+    `entropy` is the mean router entropy when the router already has it."""
     if router.layer_number is None:
         return
     layer, num_layers = _layer_slot(router)
     tracker = moe_logging.get_moe_metrics_tracker()
     with torch.no_grad():
         tokens_per_expert = routing_map.sum(dim=0)
-        tracker.record(ENTROPY, routing.router_entropy(logits), layer, num_layers,
+        if entropy is None:
+            entropy = routing.router_entropy(logits)
+        tracker.record(ENTROPY, entropy, layer, num_layers,
                        avg_group=router.tp_cp_group)
         tracker.record(IMBALANCE, routing.load_imbalance(tokens_per_expert), layer, num_layers,
                        avg_group=router.tp_cp_group)
