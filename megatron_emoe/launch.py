@@ -65,17 +65,20 @@ def run_gloo(fn, world_size=2, *, tp=1, ep=1, pp=1, args=(), kwargs=None, timeou
         if world_size == 1:
             _run(0, *run_args)
         else:
-            _spawn(run_args, world_size, fn, timeout)
+            spawn_ranks(_run, run_args, world_size, fn.__name__, timeout)
 
 
-def _spawn(run_args, world_size, fn, timeout):
-    context = mp.start_processes(_run, args=run_args, nprocs=world_size, join=False)
+def spawn_ranks(body, run_args, world_size, name, timeout, start_method="spawn"):
+    """Run `body(rank, *run_args)` in `world_size` processes; raise the first failing rank's
+    traceback, or `TimeoutError` after `timeout` s; never leave a process behind."""
+    context = mp.start_processes(body, args=run_args, nprocs=world_size, join=False,
+                                 start_method=start_method)
     deadline = time.monotonic() + timeout
     try:
         # join() raises ProcessRaisedException, with the rank's traceback, as soon as a rank fails.
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{fn.__name__} did not finish in {timeout} s")
+                raise TimeoutError(f"{name} did not finish in {timeout} s")
     finally:
         for process in context.processes:
             if process.is_alive():

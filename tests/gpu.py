@@ -12,14 +12,14 @@ import enum
 import importlib
 import os
 import tempfile
-import time
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from megatron.core.extensions.transformer_engine import HAVE_TE
+
+from megatron_emoe.launch import spawn_ranks
 
 CUDA = torch.cuda.is_available()
 NO_CUDA_REASON = "needs a CUDA GPU (none visible to torch)"
@@ -145,17 +145,7 @@ def run_nccl(fn, world_size: int = 1, *, tp: int = 1, ep: int = 1, args=(), time
         if world_size == 1:
             _nccl_rank(0, *run_args)
             return
-        context = mp.start_processes(_nccl_rank, args=run_args, nprocs=world_size, join=False,
-                                     start_method="spawn")
-        deadline = time.monotonic() + timeout
-        try:
-            while not context.join(timeout=1):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{fn.__name__} did not finish in {timeout} s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
+        spawn_ranks(_nccl_rank, run_args, world_size, fn.__name__, timeout)
 
 
 # -------------------------------------------------------------------------------------------------
