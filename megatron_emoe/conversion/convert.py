@@ -72,9 +72,9 @@ def check_output(output: str, overwrite: bool, source: str) -> None:
         )
 
 
-def check_layout(config, family: Family, tp: int, ep: int) -> None:
-    """Refuse TP/EP sizes that do not divide the heads, query groups or experts."""
-    flags = family.megatron_flags(config)
+def check_layout(flags: dict, family: Family, tp: int, ep: int) -> None:
+    """Refuse TP/EP sizes that do not divide the heads, query groups or experts (`flags`:
+    the model's `Family.megatron_flags`)."""
     divides = [
         ("--target-tensor-parallel-size", tp, "num_attention_heads", flags["num-attention-heads"]),
         ("--target-tensor-parallel-size", tp, "num_key_value_heads",
@@ -162,13 +162,13 @@ def hf_to_megatron(settings: HFToMegatron) -> None:
     config = load_hf_config(settings.hf_path, "--hf-path")
     family = family_for(config)
     tp, ep = settings.target_tensor_parallel_size, settings.target_expert_parallel_size
-    check_layout(config, family, tp, ep)
+    flags = family.megatron_flags(config)
+    check_layout(flags, family, tp, ep)
     vocab = padded_vocab(config.vocab_size, tp)
     rules = family.rules(config, vocab)
     reader = hf_files.SafetensorsReader(settings.hf_path)
     check_hf_tensors(reader, {n for rule in rules for n in rule.hf}, settings.hf_path,
                      ignored=lambda name: family.ignores(config, name))
-    flags = family.megatron_flags(config)
     flags.update({"tensor-model-parallel-size": tp, "expert-model-parallel-size": ep,
                   "make-vocab-size-divisible-by": MAKE_VOCAB_DIVISIBLE_BY})
 
@@ -203,7 +203,7 @@ def _hf_to_megatron_rank(rank: int, argv, vocab: int, hf_path: str, family_name:
         count = len(megatron_side.weights(model))
         with tqdm(total=count, desc=f"{family_name} -> megatron (rank {rank})", disable=rank != 0) as bar:
             megatron_side.fill_from_hf(model, rules, reader, args.swiglu, progress=bar)
-        megatron_side.save_release(model, args)
+        megatron_side.save_release(model)
 
 
 def _write_model_flags(staging: str, output: str, flags: dict, tokenizer: bool) -> None:
@@ -233,9 +233,10 @@ def megatron_to_hf(settings: MegatronToHF) -> None:
         )
     config = load_hf_config(config_dir, "--hf-config")
     family = family_for(config)
-    check_config_matches(config, family, saved)
+    flags = family.megatron_flags(config)
+    check_config_matches(flags, saved)
     if settings.num_experts_per_tok is not None:
-        experts = family.megatron_flags(config)["num-experts"]
+        experts = flags["num-experts"]
         if not 1 <= settings.num_experts_per_tok <= experts:
             raise ConversionError(
                 f"--num-experts-per-tok must be in 1..{experts}, got {settings.num_experts_per_tok}"
@@ -267,7 +268,7 @@ def _megatron_to_hf_rank(rank: int, saved, load: str, config, staging: str, shar
     rules = FAMILIES[config.model_type].rules(config, args.padded_vocab_size)
     with megatron_side.megatron_globals(args):
         model = megatron_side.build_model(args)
-        megatron_side.load(model, args)
+        megatron_side.load(model)
         state = megatron_side.weights(model)
         unmapped = set(state) - {rule.megatron for rule in rules}
         if unmapped:
@@ -285,12 +286,9 @@ def saved_args(load: str):
 
     if not os.path.isdir(load):
         raise ConversionError(f"--load {load}: no such folder")
-    tracker = os.path.join(load, checkpoints.TRACKER)
-    if not os.path.isfile(tracker):
+    name = checkpoints.latest_checkpoint_name(load)
+    if name is None:
         raise ConversionError(f"--load {load}: no {checkpoints.TRACKER} (not a Megatron checkpoint folder)")
-    iteration = checkpoints.latest_iteration(load)
-    with open(tracker) as f:
-        name = "release" if f.read().strip() == "release" else checkpoints.iteration_dir(iteration)
     folder = os.path.join(load, name)
     if not os.path.isfile(os.path.join(folder, "metadata.json")) or not os.path.isfile(
         os.path.join(folder, ".metadata")
@@ -320,9 +318,9 @@ _ARCHITECTURE = {
 }
 
 
-def check_config_matches(config, family: Family, saved) -> None:
-    """Refuse an HF config whose architecture differs from the checkpoint's saved flags."""
-    flags = family.megatron_flags(config)
+def check_config_matches(flags: dict, saved) -> None:
+    """Refuse an HF config (its `Family.megatron_flags`) whose architecture differs from the
+    checkpoint's saved flags."""
     diffs = []
     for dest, key in _ARCHITECTURE.items():
         if key not in flags:

@@ -8,7 +8,6 @@ conversion directions use the same rules, so they cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -164,15 +164,15 @@ def _local_experts(local: dict[str, torch.Tensor]) -> int:
     return len(indices)
 
 
-def save_release(model, args) -> None:
-    """Save `model` as Megatron's `release` checkpoint in `args.save` (no optimizer, no RNG)."""
+def save_release(model) -> None:
+    """Save `model` as Megatron's `release` checkpoint in `--save` (no optimizer, no RNG)."""
     from megatron.training.checkpointing import save_checkpoint
 
     save_checkpoint(0, model, None, None, 0, release=True)
 
 
-def load(model, args) -> None:
-    """Load the checkpoint in `args.load` into `model` (any saved TP/EP layout)."""
+def load(model) -> None:
+    """Load the checkpoint in `--load` into `model` (any saved TP/EP layout)."""
     from megatron.training.checkpointing import load_checkpoint
 
     load_checkpoint(model, None, None, strict=True)
@@ -186,5 +186,5 @@ def loaded_model(load_dir: str, tp: int = 1, ep: int = 1) -> Iterator[list[torch
     args = args_from_checkpoint(checkpoint_args(load_dir), load_dir, tp=tp, ep=ep)
     with megatron_globals(args):
         model = build_model(args)
-        load(model, args)
+        load(model)
         yield model

@@ -100,12 +100,19 @@ def latest_iteration(checkpoint_dir: str | None) -> int | None:
     return 0 if tracked == "release" else int(tracked)
 
 
+def latest_checkpoint_name(checkpoint_dir: str | None) -> str | None:
+    """The folder (`release` or `iter_N`) Megatron's tracker in `checkpoint_dir` names, or None."""
+    tracked = _tracked(checkpoint_dir)
+    if tracked is None:
+        return None
+    return "release" if tracked == "release" else iteration_dir(int(tracked))
+
+
 def checkpoint_args(checkpoint_dir: str):
     """The training flags (`argparse.Namespace`) saved with the latest checkpoint in `checkpoint_dir`."""
     from megatron.core import dist_checkpointing
 
-    tracked = _tracked(checkpoint_dir)
-    name = "release" if tracked == "release" else iteration_dir(int(tracked))
+    name = latest_checkpoint_name(checkpoint_dir)
     return dist_checkpointing.load_common_state_dict(os.path.join(checkpoint_dir, name)).get("args")
 
 
