@@ -4,7 +4,7 @@
 imported lazily so that `import megatron_emoe` stays light.
 """
 
-from megatron_emoe.config import ElasticMoEConfig
+from megatron_emoe.config import ElasticMoEConfig, TopP
 
 __version__ = "0.1.0"
 
@@ -20,7 +20,7 @@ _LAZY = {
     "CoactivationRecorder": "megatron_emoe.coactivation",
 }
 
-__all__ = ["ElasticMoEConfig", *_LAZY]
+__all__ = ["ElasticMoEConfig", "TopP", *_LAZY]
 
 
 def __getattr__(name):

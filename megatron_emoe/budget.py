@@ -1,13 +1,14 @@
 """Inference budgets: how many experts each token activates, set on a built model without rebuilding.
 
 A budget is an int (every MoE layer), a list with one entry per MoE decoder layer in layer order
-(optionally followed by one per MTP layer), or None for the training behaviour. Lists use global
+(optionally followed by one per MTP layer), a `TopP` (each token takes the fewest experts whose
+router probability reaches p, capped), or None for the training behaviour. Lists use global
 layer numbers, so every pipeline stage takes the same list.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import torch
 
@@ -34,7 +35,7 @@ def set_active_experts(model, k: Budget) -> None:
         router.budget = budget
 
 
-def get_active_experts(model) -> list[Optional[int]]:
+def get_active_experts(model) -> list:
     """The eval-time k' of each local MoE layer (None where the training top-k applies)."""
     return [router.active_topk for router in _routers_or_raise(model)]
 

@@ -390,7 +390,10 @@ def collect_at_budgets(
 
 
 def eval_tag(budget) -> str:
-    """File tag of eval matrices at `budget`: `eval_k4`, or `eval_k1-2-4` for per-layer budgets."""
+    """File tag of eval matrices at `budget`: `eval_k4`, `eval_k1-2-4` for per-layer budgets,
+    `eval_top_p0.5_max4` for token-adaptive ones."""
+    if hasattr(budget, "label"):
+        return f"eval_{budget.label}"
     if isinstance(budget, (list, tuple)):
         return "eval_k" + "-".join(str(int(k)) for k in budget)
     return f"eval_k{int(budget)}"
@@ -659,6 +662,8 @@ def _has_pairs(counts: torch.Tensor) -> bool:
 
 
 def _budget_key(budget) -> str:
+    if hasattr(budget, "label"):
+        return budget.label
     if isinstance(budget, (list, tuple)):
         return "-".join(str(int(k)) for k in budget)
     return str(budget)

@@ -15,7 +15,22 @@ MMOE_SAMPLE_LEVELS = ("step", "layer", "token")
 # Load-balancing types whose losses the elastic router can feed with its own routing map.
 AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 
-Budget = Union[None, int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class TopP:
+    """Token-adaptive inference budget: each token takes the fewest of its best-ranked experts
+    whose router probability mass reaches `p`, and at most `max_experts`."""
+
+    p: float
+    max_experts: int
+
+    @property
+    def label(self) -> str:
+        return f"top_p{self.p:g}_max{self.max_experts}"
+
+
+Budget = Union[None, int, Sequence[int], TopP]
 
 
 def _flag(name: str, help: str, **argparse_kwargs: Any) -> dict:
@@ -190,18 +205,12 @@ class ElasticMoEConfig:
                 f"{flag} must lie in [1, {limit}] ({_limit_reason(tc)}) and not be empty, "
                 f"got {list(budgets)}"
             )
-        dispatcher = tc.moe_token_dispatcher_type
-        dynamic_alltoall = (
-            tc.moe_expert_capacity_factor is not None or tc.moe_router_padding_for_quantization
-        )
-        if self.mmoe_sample_level == "token" and (
-            dispatcher == "flex" or (dispatcher == "alltoall" and not dynamic_alltoall)
-        ):
+        if self.mmoe_sample_level == "token" and not takes_per_token_budgets(tc):
             raise ValueError(
                 f"--mmoe-sample-level token gives each token its own k, which "
-                f"--moe-token-dispatcher-type {dispatcher} cannot take in dropless mode (it needs "
-                f"exactly moe-router-topk experts per token). Use --moe-token-dispatcher-type "
-                f"allgather, or --mmoe-sample-level step|layer"
+                f"--moe-token-dispatcher-type {tc.moe_token_dispatcher_type} cannot take in "
+                f"dropless mode (it needs exactly moe-router-topk experts per token). Use "
+                f"--moe-token-dispatcher-type allgather, or --mmoe-sample-level step|layer"
             )
 
     def _validate_router_features(self, tc) -> None:
@@ -223,6 +232,17 @@ class ElasticMoEConfig:
                 f"--moe-apply-probs-on-input needs exactly one expert per token, which "
                 f"--moe-router-mode {self.mode} does not keep"
             )
+
+
+def takes_per_token_budgets(tc) -> bool:
+    """Whether the token dispatcher accepts a different number of experts for each token: the
+    dropless alltoall and flex dispatchers need exactly moe-router-topk per token."""
+    dispatcher = tc.moe_token_dispatcher_type
+    if dispatcher == "flex":
+        return False
+    if dispatcher == "alltoall":
+        return tc.moe_expert_capacity_factor is not None or tc.moe_router_padding_for_quantization
+    return True
 
 
 def max_routable_experts(tc) -> int:
@@ -261,6 +281,8 @@ def validate_budget(budget: Budget, tc, flag: str = "active experts") -> Budget:
     """
     if budget is None:
         return None
+    if isinstance(budget, TopP):
+        return _validate_top_p(budget, tc, flag)
     values = [budget] if isinstance(budget, int) else list(budget)
     if not values or any(isinstance(k, bool) or not isinstance(k, int) for k in values):
         raise ValueError(f"{flag} must be an int or a list of ints, got {budget!r}")
@@ -284,9 +306,29 @@ def validate_budget(budget: Budget, tc, flag: str = "active experts") -> Budget:
     return tuple(values)
 
 
-def layer_budget(budget: Budget, tc, layer_number: int, is_mtp_layer: bool) -> Optional[int]:
+def _validate_top_p(budget: TopP, tc, flag: str) -> TopP:
+    limit = max_routable_experts(tc)
+    if isinstance(budget.p, bool) or not isinstance(budget.p, (int, float)) or not 0 < budget.p <= 1:
+        raise ValueError(f"{flag} top-p must be in (0, 1], got {budget.p!r}")
+    k_max = budget.max_experts
+    if isinstance(k_max, bool) or not isinstance(k_max, int) or not 1 <= k_max <= limit:
+        raise ValueError(
+            f"{flag} top-p max experts must be in [1, {limit}] ({_limit_reason(tc)}), got {k_max!r}"
+        )
+    if not takes_per_token_budgets(tc):
+        raise ValueError(
+            f"{flag} top-p gives each token its own number of experts, which "
+            f"--moe-token-dispatcher-type {tc.moe_token_dispatcher_type} cannot take in dropless "
+            f"mode: build the model with --moe-token-dispatcher-type allgather for top-p budgets"
+        )
+    return TopP(float(budget.p), k_max)
+
+
+def layer_budget(
+    budget: Budget, tc, layer_number: int, is_mtp_layer: bool
+) -> Union[None, int, TopP]:
     """The budget of one MoE layer; MTP layers without an entry take the last decoder entry."""
-    if budget is None or isinstance(budget, int):
+    if budget is None or isinstance(budget, (int, TopP)):
         return budget
     decoder = decoder_moe_layers(tc)
     if not is_mtp_layer:

@@ -7,7 +7,7 @@ and expert-bias updates stay Megatron's own code, fed with the map that is actua
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from megatron.core.transformer.moe.moe_utils import (
@@ -19,7 +19,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_emoe import router_metrics, routing
-from megatron_emoe.config import ElasticMoEConfig, layer_budget, validate_budget
+from megatron_emoe.config import ElasticMoEConfig, TopP, layer_budget, validate_budget
 from megatron_emoe.router_metrics import HR_LOSS as HR_LOSS_NAME
 
 
@@ -40,7 +40,8 @@ class ElasticRouter(TopKRouter):
         self.train_topk = config.moe_router_topk
         self.k_ideal = elastic.resolved_k_ideal(self.train_topk)
         self.mmoe_budgets = elastic.mmoe_budgets(self.train_topk)
-        # Eval-time budget k' of the whole model (None, int or per-layer tuple); see `active_topk`.
+        # Eval-time budget k' of the whole model (None, int, per-layer tuple or `TopP`); see
+        # `active_topk`.
         self.budget = elastic.active_experts
         # Experts per token the dispatcher must expect for the current forward (max if per-token).
         self.dispatch_topk: int = self.train_topk
@@ -57,8 +58,8 @@ class ElasticRouter(TopKRouter):
         self.budget = validate_budget(budget, self.config)
 
     @property
-    def active_topk(self) -> Optional[int]:
-        """This layer's eval-time k', or None to route with the training top-k."""
+    def active_topk(self) -> Union[None, int, TopP]:
+        """This layer's eval-time k' (or token-adaptive `TopP`), None for the training top-k."""
         return layer_budget(self.budget, self.config, self.layer_number, self.is_mtp_layer)
 
     def _plan(
@@ -110,8 +111,13 @@ class ElasticRouter(TopKRouter):
             padding_mask = padding_mask.reshape(-1)
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
 
-        k, budgets = self._plan(logits.shape[0], logits.device, eval_topk)
-        chosen = self._choose_experts(logits, k)
+        if isinstance(eval_topk, TopP):
+            k = eval_topk.max_experts
+            chosen = self._choose_experts(logits, k)
+            budgets = self._top_p_budgets(logits, chosen, eval_topk.p)
+        else:
+            k, budgets = self._plan(logits.shape[0], logits.device, eval_topk)
+            chosen = self._choose_experts(logits, k)
         probs, routing_map = self._gate(logits, chosen, budgets)
         # Megatron's aux-loss helpers read self.topk: give them the mean experts per token.
         self.topk = k if budgets is None else budgets.float().mean()
@@ -157,6 +163,18 @@ class ElasticRouter(TopKRouter):
                 return self._agree_across_tp(routing.sample_coactivation(scores, k, self.k_ideal))
             return routing.topk_indices(scores, k)
 
+    def _top_p_budgets(self, logits: torch.Tensor, chosen: torch.Tensor, p: float) -> torch.Tensor:
+        """`[tokens]` budgets: the fewest of each token's ranked `chosen` experts whose share of
+        the router's probability over all experts reaches p (sigmoid-type scores are normalised
+        to sum to 1 first)."""
+        with torch.no_grad():
+            if self.score_function == "softmax":
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            else:
+                scores = routing.selection_scores(logits, self.score_function)
+                probs = scores / scores.sum(dim=-1, keepdim=True)
+            return routing.top_p_budgets(probs.gather(1, chosen), p)
+
     def _agree_across_tp(self, drawn: torch.Tensor) -> torch.Tensor:
         """Random draws for tokens that every TP rank holds (no sequence parallelism) come from
         TP rank 0, so the ranks agree whatever their RNG states; sharded tokens need nothing."""
@@ -174,7 +192,7 @@ class ElasticRouter(TopKRouter):
         # Per-token budgets: one Megatron call per distinct k (few), not per token.
         probs = torch.zeros_like(logits)
         routing_map = torch.zeros_like(logits, dtype=torch.bool)
-        for k in self.mmoe_budgets:
+        for k in budgets.unique().tolist():
             rows = (budgets == k).nonzero(as_tuple=True)[0]
             rows_probs, rows_map = self._gate_fixed(logits[rows], chosen[rows, :k])
             probs = probs.index_put((rows,), rows_probs)

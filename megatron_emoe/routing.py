@@ -18,6 +18,7 @@ __all__ = [
     "sample_coactivation",
     "sample_token_budgets",
     "selection_scores",
+    "top_p_budgets",
     "topk_indices",
 ]
 
@@ -87,6 +88,14 @@ def sample_coactivation(
     # The k smallest of k_ideal i.i.d. uniform keys pick a uniformly random k-subset of positions.
     positions = keys.topk(k, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values
     return pool.gather(1, positions)
+
+
+def top_p_budgets(ranked_probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Token-adaptive budgets ``[tokens]``: the fewest leading experts whose probability mass
+    reaches ``p``. ``ranked_probs`` is ``[tokens, k_max]``, each token's best k_max experts in rank
+    order, so budgets lie in 1..k_max (k_max where the mass never reaches p)."""
+    reached_before = ranked_probs.float().cumsum(dim=-1) - ranked_probs.float() >= p
+    return (~reached_before).sum(dim=-1).clamp(min=1)
 
 
 def hierarchical_router_loss(probs: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,23 @@ def test_budget_lists_may_cover_mtp_layers():
         validate_budget((1, 2, 3, 4), tc)
 
 
+def test_top_p_budgets_are_validated():
+    from megatron_emoe import TopP
+
+    tc = config(moe_token_dispatcher_type="allgather")
+    assert validate_budget(TopP(0.5, 4), tc) == TopP(0.5, 4)
+    for bad, message in [
+        (TopP(0.0, 4), r"top-p must be in \(0, 1\], got 0.0"),
+        (TopP(1.5, 4), r"top-p must be in \(0, 1\]"),
+        (TopP(0.5, 9), r"top-p max experts must be in \[1, 8\] \(num-experts=8\), got 9"),
+        (TopP(0.5, 0), r"top-p max experts must be in \[1, 8\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            validate_budget(bad, tc, flag="--top-p")
+    with pytest.raises(ValueError, match="--moe-token-dispatcher-type alltoall.*allgather"):
+        validate_budget(TopP(0.5, 4), config())  # dropless alltoall: exactly top-k per token
+
+
 def test_derived_values():
     assert ElasticMoEConfig(mode="emoe").resolved_k_ideal(2) == 4
     assert ElasticMoEConfig(mode="emoe", k_ideal_factor=3).resolved_k_ideal(2) == 6

@@ -375,3 +375,47 @@ def _mtp(rank):
 
 def test_mtp_layers_route_elastically():
     run_distributed_test(_mtp, world_size=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-adaptive top-p budgets at inference (allgather dispatcher; alltoall refuses them).
+# ---------------------------------------------------------------------------------------------
+def _top_p_budgets(rank):
+    from megatron_emoe import TopP
+
+    config = builders.moe_config(moe_token_dispatcher_type="allgather")
+    layer = builders.moe_layer(config, ElasticMoEConfig(mode="emoe", k_ideal=4))
+    maps = _record_routing(layer.router)
+    x = _inputs(rank, config.hidden_size)
+    flat = x.reshape(-1, config.hidden_size)
+    fc1, fc2 = builders.all_expert_weights(layer)
+    router_weight = layer.router.weight.detach()
+    probs = (flat @ router_weight.t()).softmax(-1)
+    layer.eval()
+    seen = set()
+    for p, k_max in ((0.3, 4), (0.6, 3), (0.99, 8), (1.0, 2)):
+        layer.router.set_budget(TopP(p, k_max))
+        with torch.no_grad():
+            out, _ = layer(x)
+        per_token = maps[-1].sum(-1)
+        # Reference: the fewest best experts whose probability mass reaches p, capped at k_max.
+        ranked = probs.sort(-1, descending=True).values
+        needed = ((ranked.cumsum(-1) - ranked) < p).sum(-1).clamp(max=k_max)
+        assert torch.equal(per_token, needed), (p, per_token, needed)
+        ranks = probs.argsort(-1, descending=True).argsort(-1)
+        assert ((ranks < per_token[:, None]) == maps[-1]).all()
+        out = out.reshape(-1, config.hidden_size)
+        for k in per_token.unique().tolist():
+            rows = per_token == k
+            expected = builders.dense_reference(flat[rows], router_weight, fc1, fc2, k)
+            torch.testing.assert_close(out[rows], expected, rtol=1e-5, atol=1e-5)
+        seen.update(per_token.unique().tolist())
+    assert len(seen) >= 3, "the budgets should vary between tokens"
+
+    alltoall = builders.moe_layer(builders.moe_config(), ElasticMoEConfig(mode="emoe", k_ideal=4))
+    with pytest.raises(ValueError, match="allgather"):
+        alltoall.router.set_budget(TopP(0.5, 4))
+
+
+def test_top_p_budgets_vary_per_token_and_match_dense_reference():
+    run_distributed_test(_top_p_budgets, world_size=2, ep=2)

@@ -164,3 +164,26 @@ class TestScores:
         assert (kept.all(-1).sum(-1) == 2).all()
         best_group = scores.view(128, 4, 4).topk(2, -1).values.sum(-1).argmax(-1)
         assert kept.all(-1).gather(1, best_group[:, None]).all()
+
+
+class TestTopPBudgets:
+    def test_fewest_experts_whose_mass_reaches_p(self):
+        ranked = torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.35, 0.25], [0.9, 0.05, 0.05]])
+        assert routing.top_p_budgets(ranked, 0.5).tolist() == [1, 2, 1]
+        assert routing.top_p_budgets(ranked, 0.9).tolist() == [2, 3, 1]
+        # Never reached within k_max: the cap.
+        assert routing.top_p_budgets(ranked[:, :2], 0.99).tolist() == [2, 2, 2]
+
+    def test_matches_a_brute_force_count(self):
+        probs = torch.softmax(torch.randn(2000, 16, generator=seeded(7)) * 2, -1)
+        ranked = probs.sort(-1, descending=True).values[:, :6]
+        for p in (0.2, 0.5, 0.8):
+            got = routing.top_p_budgets(ranked, p)
+            expected = torch.tensor([
+                next((j + 1 for j in range(6) if ranked[t, : j + 1].sum() >= p), 6)
+                for t in range(ranked.shape[0])
+            ])
+            # Ties at the threshold can round either way: allow none here by checking margins.
+            margin = (ranked.cumsum(-1) - p).abs().min(-1).values > 1e-6
+            assert torch.equal(got[margin], expected[margin])
+            assert margin.float().mean() > 0.99
