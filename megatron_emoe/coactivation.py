@@ -413,7 +413,12 @@ def recording(model, directory: Optional[str], tag: str, *, heatmaps: bool = Tru
         recorder.detach()
         raise
     recorder.detach()
-    stats = recorder.reduce()
+    write_reduced(recorder.reduce(), directory, tag, heatmaps=heatmaps, **meta)
+
+
+def write_reduced(stats: Coactivation, directory: str, tag: str, *, heatmaps: bool = True, **meta):
+    """Tag `stats` (already reduced over ranks) and save them as `<directory>/<tag>.npz` (+ heatmaps)
+    on rank 0."""
     stats.meta.update(tag=tag, **meta)
     if _rank() == 0:
         save(stats, directory, tag, heatmaps=heatmaps)

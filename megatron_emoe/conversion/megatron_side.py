@@ -73,8 +73,8 @@ def args_from_checkpoint(
 
 
 @contextlib.contextmanager
-def megatron_globals(args: argparse.Namespace) -> Iterator[None]:
-    """Megatron's global args/timers for the body (its checkpointing reads them), then unset."""
+def megatron_globals(args: argparse.Namespace, build_tokenizer: bool = False) -> Iterator[None]:
+    """Megatron's global args/timers (and tokenizer if asked) for the body, then unset."""
     from megatron.training.global_vars import (
         set_global_variables,
         unset_global_variables,
@@ -83,7 +83,7 @@ def megatron_globals(args: argparse.Namespace) -> Iterator[None]:
     from megatron_emoe.training import cpu_loop
 
     cpu_loop.enable()  # CPU views of torch in megatron.training (no-op with CUDA)
-    set_global_variables(args, build_tokenizer=False)
+    set_global_variables(args, build_tokenizer=build_tokenizer)
     try:
         yield
     finally:
@@ -171,11 +171,12 @@ def save_release(model) -> None:
     save_checkpoint(0, model, None, None, 0, release=True)
 
 
-def load(model) -> None:
-    """Load the checkpoint in `--load` into `model` (any saved TP/EP layout)."""
+def load(model) -> int:
+    """Load the checkpoint in `--load` into `model` (any saved TP/EP layout); its iteration."""
     from megatron.training.checkpointing import load_checkpoint
 
-    load_checkpoint(model, None, None, strict=True)
+    iteration, _ = load_checkpoint(model, None, None, strict=True)
+    return iteration
 
 
 @contextlib.contextmanager

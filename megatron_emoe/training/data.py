@@ -67,3 +67,15 @@ def train_valid_test_datasets_provider(train_valid_test_num_samples, vp_stage=No
 
 # Megatron builds the datasets on every rank and reads them on TP rank 0 (core datasets path).
 train_valid_test_datasets_provider.is_distributed = True
+
+
+def validation_iterator_factory(args, datasets_provider=train_valid_test_datasets_provider):
+    """A function giving a fresh iterator over the same `--eval-iters` validation batches (from
+    the first validation sample, as the training loop's first evaluation) on every call."""
+    from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+
+    num_valid = args.eval_iters * args.global_batch_size
+    _, valid, _ = datasets_provider((1, num_valid, 1))
+    if valid is None:
+        raise ValueError("evaluation needs a validation split: --valid-data-path or --split")
+    return lambda: iter(build_pretraining_data_loader(valid, 0))

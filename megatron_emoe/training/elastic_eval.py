@@ -23,41 +23,17 @@ def _loading_weights_only(args):
             setattr(args, name, value)
 
 
-def _validation_iterator_factory(args, datasets_provider):
-    """A function giving a fresh iterator over the same validation batches on every call."""
-    from megatron.training.datasets.data_samplers import build_pretraining_data_loader
-
-    num_valid = args.eval_iters * args.global_batch_size
-    _, valid, _ = datasets_provider((1, num_valid, 1))
-    if valid is None:
-        raise ValueError("--elastic-eval-budgets needs a validation split (see --split)")
-    return lambda: iter(build_pretraining_data_loader(valid, 0))
-
-
 def evaluate_budgets(
     model, forward_step, budgets, make_iterator, coactivation_dir=None
 ) -> dict[int, float]:
     """Validation LM loss (nats/token) of `model` at each number of active experts; with
     `coactivation_dir`, also each budget's co-activation matrices (`eval_kK.npz`)."""
-    from megatron.core.utils import get_model_config
-    from megatron.training.training import evaluate
+    from megatron_emoe.evaluation.budget_eval import evaluate_at_budget
 
-    from megatron_emoe import coactivation
-    from megatron_emoe.budget import set_active_experts
-
-    losses = {}
-    try:
-        for k in budgets:
-            set_active_experts(model, k)
-            tag = coactivation.eval_tag(k)
-            with coactivation.recording(model, coactivation_dir, tag, budget=k):
-                loss_dict, _, _ = evaluate(
-                    forward_step, make_iterator(), model, None, get_model_config(model[0])
-                )
-            losses[k] = float(loss_dict["lm loss"])
-    finally:
-        set_active_experts(model, None)
-    return losses
+    return {
+        k: evaluate_at_budget(model, k, make_iterator, forward_step, coactivation_dir).val_loss
+        for k in budgets
+    }
 
 
 def format_table(losses: dict[int, float], train_topk: int) -> str:
@@ -77,6 +53,7 @@ def run(args, model_config, datasets_provider, forward_step) -> dict[int, float]
     from megatron.training.checkpointing import load_checkpoint
 
     from megatron_emoe import coactivation
+    from megatron_emoe.training.data import validation_iterator_factory
 
     builder = model_config.get_builder_cls()(model_config)
     model = builder.build_distributed_models(
@@ -86,7 +63,7 @@ def run(args, model_config, datasets_provider, forward_step) -> dict[int, float]
         load_checkpoint(model, None, None, load_arg="save")
     losses = evaluate_budgets(
         model, forward_step, args.elastic_eval_budgets,
-        _validation_iterator_factory(args, datasets_provider),
+        validation_iterator_factory(args, datasets_provider),
         coactivation_dir=args.coactivation_dir,
     )
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

@@ -1,0 +1,1 @@
+"""Evaluating elastic MoE checkpoints: loss at inference budgets, allocation search, lm-eval."""

@@ -1,0 +1,126 @@
+"""Validation loss of a built model at one inference budget, with the experts it really used.
+
+Shared by the training entry's end-of-run sweep (`--elastic-eval-budgets`) and the checkpoint
+tools: Megatron's own `evaluate` runs the validation batches, and a `CoactivationRecorder` counts
+the experts each token activated (its diagonal), which gives the realised experts per token (for
+top-p budgets too) and the routed-expert FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterator, Optional, Sequence
+
+from megatron_emoe.config import Budget, TopP, decoder_moe_layers
+
+
+@dataclasses.dataclass
+class BudgetResult:
+    """Quality and cost of one budget on the validation batches."""
+
+    label: str  # "2", "1-2-3-4" (per layer), "top_p0.5_max4"
+    budget: object  # int, list of ints, or {"top_p": p, "max_experts": k}
+    val_loss: float  # nats per loss token
+    perplexity: float
+    routed_tokens: int  # tokens through each MoE layer (all ranks)
+    active_experts: float  # mean experts per token, over tokens and MoE decoder layers
+    active_experts_per_layer: list[float]
+    expert_flops: float  # routed-expert forward FLOPs per token, summed over MoE layers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def budget_label(budget: Budget) -> str:
+    """Short text for a budget, as used in tables, file names and JSON keys."""
+    if isinstance(budget, TopP):
+        return budget.label
+    if isinstance(budget, (list, tuple)):
+        return "-".join(str(int(k)) for k in budget)
+    return str(budget)
+
+
+def budget_json(budget: Budget):
+    """A budget as JSON data: an int, a list (one per MoE layer) or {"top_p", "max_experts"}."""
+    if isinstance(budget, TopP):
+        return {"top_p": budget.p, "max_experts": budget.max_experts}
+    return list(budget) if isinstance(budget, (list, tuple)) else budget
+
+
+def layer_expert_flops(config) -> list[float]:
+    """Forward FLOPs per token of one active routed expert, for each MoE decoder layer: two
+    (three when gated, e.g. SwiGLU) matmuls of hidden x moe-ffn-hidden, at 2 FLOPs per MAC."""
+    ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
+    matmuls = 3 if config.gated_linear_unit else 2
+    per_expert = 2.0 * matmuls * config.hidden_size * ffn
+    return [per_expert] * len(decoder_moe_layers(config))
+
+
+def expert_flops(config, experts_per_layer: Sequence[float]) -> float:
+    """Routed-expert forward FLOPs per token for given (mean) experts per MoE decoder layer."""
+    costs = layer_expert_flops(config)
+    if len(experts_per_layer) != len(costs):
+        raise ValueError(f"need one value per MoE layer ({len(costs)}), got {len(experts_per_layer)}")
+    return float(sum(k * c for k, c in zip(experts_per_layer, costs)))
+
+
+def planned_experts(config, budget: Budget) -> list[int]:
+    """Experts per token in each MoE decoder layer for a fixed budget (None = training top-k)."""
+    layers = len(decoder_moe_layers(config))
+    if budget is None or isinstance(budget, int):
+        return [budget or config.moe_router_topk] * layers
+    if isinstance(budget, TopP):
+        raise ValueError("a top-p budget's experts per token are known only after evaluating it")
+    return [int(k) for k in budget[:layers]]
+
+
+def evaluate_at_budget(
+    model: list,
+    budget: Budget,
+    make_iterator: Callable[[], Iterator],
+    forward_step: Optional[Callable] = None,
+    coactivation_dir: Optional[str] = None,
+) -> BudgetResult:
+    """Megatron's `evaluate` over the batches of `make_iterator()` with `budget` set on every
+    elastic router (restored after); optionally saves that budget's co-activation matrices."""
+    from megatron.core.utils import get_model_config
+    from megatron.training.training import evaluate
+
+    from megatron_emoe import coactivation
+    from megatron_emoe.budget import elastic_routers, set_active_experts
+
+    if forward_step is None:
+        from megatron_emoe.training.step import forward_step
+    config = get_model_config(model[0])
+    routers = elastic_routers(model)
+    saved = [router.budget for router in routers]
+    try:
+        set_active_experts(model, budget)
+        with coactivation.CoactivationRecorder(
+            model, phase="eval", entropy=coactivation_dir is not None
+        ) as recorder:
+            loss_dict, _, _ = evaluate(forward_step, make_iterator(), model, None, config)
+    finally:
+        for router, previous in zip(routers, saved, strict=True):
+            router.budget = previous
+    stats = recorder.reduce()
+    if coactivation_dir is not None:
+        coactivation.write_reduced(
+            stats, coactivation_dir, coactivation.eval_tag(budget), budget=budget_json(budget)
+        )
+    decoder = [n for n in decoder_moe_layers(config) if n in stats.counts]
+    per_layer = [
+        float(stats.counts[n].diagonal().sum()) / max(stats.tokens[n], 1) for n in decoder
+    ]
+    loss = float(loss_dict["lm loss"])
+    return BudgetResult(
+        label=budget_label(budget),
+        budget=budget_json(budget),
+        val_loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),
+        routed_tokens=int(stats.tokens[decoder[0]]) if decoder else 0,
+        active_experts=sum(per_layer) / len(per_layer) if per_layer else float("nan"),
+        active_experts_per_layer=per_layer,
+        expert_flops=expert_flops(config, per_layer) if per_layer else float("nan"),
+    )

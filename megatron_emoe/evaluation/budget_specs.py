@@ -1,0 +1,85 @@
+"""Budgets from the command line, checked against a checkpoint's saved flags before any model is
+built: global k', per-layer lists ("1-2-4-4"), allocation files and top-p."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Optional, Sequence
+
+from megatron_emoe.config import Budget, TopP, validate_budget
+
+
+def model_view(saved: argparse.Namespace, dispatcher: Optional[str] = None) -> argparse.Namespace:
+    """The TransformerConfig-named fields `validate_budget` reads, from saved Megatron args."""
+    return argparse.Namespace(
+        num_moe_experts=saved.num_experts,
+        moe_router_topk=saved.moe_router_topk,
+        moe_router_num_groups=getattr(saved, "moe_router_num_groups", None),
+        moe_router_group_topk=getattr(saved, "moe_router_group_topk", None),
+        moe_token_dispatcher_type=dispatcher or saved.moe_token_dispatcher_type,
+        moe_expert_capacity_factor=saved.moe_expert_capacity_factor,
+        moe_router_padding_for_quantization=getattr(saved, "moe_router_padding_for_quantization",
+                                                    False),
+        moe_layer_freq=saved.moe_layer_freq,
+        num_layers=saved.num_layers,
+        mtp_num_layers=getattr(saved, "mtp_num_layers", None),
+        moe_flex_dispatcher_backend=getattr(saved, "moe_flex_dispatcher_backend", None),
+    )
+
+
+def parse_layer_budget(text: str, flag: str = "--layer-budgets") -> tuple[int, ...]:
+    """"1-2-4-4" or "1,2,4,4" -> (1, 2, 4, 4)."""
+    parts = text.replace(",", "-").split("-")
+    try:
+        return tuple(int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"{flag} takes per-layer budgets like 1-2-4-4, got {text!r}") from None
+
+
+def read_allocation(path: str) -> tuple[int, ...]:
+    """The per-layer allocation written by tools/search_budget_allocation.py."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--allocation {path} not found")
+    with open(path) as f:
+        record = json.load(f)
+    allocation = record.get("allocation") if isinstance(record, dict) else None
+    if not isinstance(allocation, list):
+        raise ValueError(f"--allocation {path} has no 'allocation' list")
+    return tuple(int(k) for k in allocation)
+
+
+def default_budgets(saved: argparse.Namespace) -> list[int]:
+    """k' = 1 ... 3k, capped at the number of experts."""
+    return list(range(1, min(3 * saved.moe_router_topk, saved.num_experts) + 1))
+
+
+def collect(
+    saved: argparse.Namespace,
+    budgets: Optional[Sequence[int]] = None,
+    layer_budgets: Sequence[str] = (),
+    allocation: Optional[str] = None,
+    top_p: Sequence[float] = (),
+    top_p_max_experts: Optional[int] = None,
+    dispatcher: Optional[str] = None,
+) -> list[Budget]:
+    """Every budget to evaluate, validated (ValueError naming the flag and the allowed range)."""
+    view = model_view(saved, dispatcher)
+    result: list[Budget] = []
+    for k in (default_budgets(saved) if budgets is None else budgets):
+        result.append(validate_budget(int(k), view, flag="--budgets"))
+    for text in layer_budgets:
+        result.append(validate_budget(parse_layer_budget(text), view, flag="--layer-budgets"))
+    if allocation:
+        result.append(validate_budget(read_allocation(allocation), view, flag="--allocation"))
+    if top_p:
+        cap = top_p_max_experts or min(3 * saved.moe_router_topk, saved.num_experts)
+        # Top-p needs a dispatcher that takes per-token budgets; the evaluator switches dropless
+        # alltoall to allgather unless --moe-token-dispatcher-type was given.
+        top_p_view = model_view(saved, dispatcher or "allgather")
+        for p in top_p:
+            result.append(validate_budget(TopP(float(p), cap), top_p_view, flag="--top-p"))
+    if not result:
+        raise ValueError("nothing to evaluate: give --budgets, --layer-budgets, --allocation or --top-p")
+    return result

@@ -1,0 +1,254 @@
+"""A saved checkpoint, built and loaded at any layout, evaluated at inference budgets.
+
+The shared core of the evaluation tools (`tools/elastic_eval.py`,
+`tools/search_budget_allocation.py`): their common flags (`add_eval_arguments`), validated options
+(`EvalOptions`), the per-rank evaluator (`checkpoint_evaluator`) and a runner that starts the gloo
+ranks and returns rank 0's result (`run_on_ranks`). The model is the saving run's own (its flags
+come from the checkpoint); dist_checkpointing reshards it to the TP/EP layout asked for, and the
+validation batches are the training loop's (Megatron's `evaluate`, same forward step and loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import tempfile
+from typing import Callable, Iterator, Optional
+
+from megatron_emoe.config import Budget, TopP
+
+# Dispatchers whose buffers follow the number of experts per token (see config.takes_per_token_budgets).
+DISPATCHERS = ("alltoall", "allgather", "flex")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """Which checkpoint, at which layout, on which validation data; None keeps the saved value."""
+
+    load: str
+    tensor_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    nproc: int = 1
+    valid_data_path: Optional[tuple[str, ...]] = None
+    tokenizer_model: Optional[str] = None
+    eval_iters: Optional[int] = None
+    global_batch_size: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    moe_token_dispatcher_type: Optional[str] = None
+    coactivation_dir: Optional[str] = None
+
+    def validate(self) -> "EvalOptions":
+        """Raise `ValueError` naming the flag for bad values; checks the checkpoint is there."""
+        from megatron_emoe.training.checkpoints import latest_checkpoint_name
+
+        if not os.path.isdir(self.load) or latest_checkpoint_name(self.load) is None:
+            raise ValueError(
+                f"--load {self.load}: no Megatron checkpoint there "
+                "(expected latest_checkpointed_iteration.txt and its iter_N or release folder)"
+            )
+        for flag, value in (
+            ("--nproc", self.nproc),
+            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+            ("--expert-model-parallel-size", self.expert_model_parallel_size),
+            ("--eval-iters", self.eval_iters),
+            ("--global-batch-size", self.global_batch_size),
+            ("--micro-batch-size", self.micro_batch_size),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        for flag, size in (
+            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+            ("--expert-model-parallel-size", self.expert_model_parallel_size),
+        ):
+            if self.nproc % size:
+                raise ValueError(f"{flag} {size} must divide --nproc {self.nproc}")
+        for prefix in self.valid_data_path or ():
+            for suffix in (".bin", ".idx"):
+                if not os.path.isfile(prefix + suffix):
+                    raise ValueError(f"--valid-data-path {prefix}: {prefix + suffix} not found")
+        if self.tokenizer_model is not None and not os.path.exists(self.tokenizer_model):
+            raise ValueError(f"--tokenizer-model {self.tokenizer_model} not found")
+        if self.moe_token_dispatcher_type not in (None, *DISPATCHERS):
+            raise ValueError(
+                f"--moe-token-dispatcher-type must be one of {DISPATCHERS}, "
+                f"got {self.moe_token_dispatcher_type!r}"
+            )
+        return self
+
+    def check_against(self, saved: argparse.Namespace) -> None:
+        """Checks that need the saved run's flags (the layout must divide the model)."""
+        ep, tp = self.expert_model_parallel_size, self.tensor_model_parallel_size
+        if saved.num_experts and saved.num_experts % ep:
+            raise ValueError(
+                f"--expert-model-parallel-size {ep} must divide the checkpoint's "
+                f"{saved.num_experts} experts"
+            )
+        groups = saved.num_query_groups if saved.group_query_attention else saved.num_attention_heads
+        if saved.num_attention_heads % tp or groups % tp:
+            raise ValueError(
+                f"--tensor-model-parallel-size {tp} must divide the checkpoint's "
+                f"{saved.num_attention_heads} attention heads and {groups} query groups"
+            )
+        batch = self.global_batch_size or saved.global_batch_size
+        micro = self.micro_batch_size or saved.micro_batch_size
+        data_parallel = self.nproc // tp
+        if batch % (micro * data_parallel):
+            raise ValueError(
+                f"--global-batch-size {batch} must be a multiple of --micro-batch-size {micro} x "
+                f"data-parallel size {data_parallel} (--nproc / --tensor-model-parallel-size)"
+            )
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every checkpoint-evaluation tool takes (Megatron's names where Megatron has one)."""
+    group = parser.add_argument_group("checkpoint and validation data")
+    group.add_argument("--load", required=True, help="Megatron checkpoint folder (any TP/EP layout)")
+    group.add_argument("--nproc", type=int, default=1, help="local gloo processes to evaluate on")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    group.add_argument("--expert-model-parallel-size", type=int, default=1)
+    group.add_argument("--valid-data-path", nargs="+", default=None,
+                       help="indexed dataset prefixes (default: the checkpoint's validation data)")
+    group.add_argument("--tokenizer-model", default=None, help="default: the checkpoint's")
+    group.add_argument("--eval-iters", type=int, default=None,
+                       help="validation batches (default: the checkpoint's --eval-iters)")
+    group.add_argument("--global-batch-size", type=int, default=None, help="default: the checkpoint's")
+    group.add_argument("--micro-batch-size", type=int, default=None, help="default: the checkpoint's")
+    group.add_argument("--moe-token-dispatcher-type", choices=DISPATCHERS, default=None,
+                       help="default: the checkpoint's; top-p budgets switch dropless alltoall to "
+                            "allgather, which takes a different number of experts per token")
+    group.add_argument("--coactivation-dir", default=None,
+                       help="also save each budget's co-activation matrices and heatmaps here")
+    return parser
+
+
+def options_from_args(namespace: argparse.Namespace) -> EvalOptions:
+    """`EvalOptions` from parsed flags (1:1 by name), validated."""
+    names = {field.name for field in dataclasses.fields(EvalOptions)}
+    values = {name: getattr(namespace, name) for name in names if hasattr(namespace, name)}
+    if values.get("valid_data_path") is not None:
+        values["valid_data_path"] = tuple(values["valid_data_path"])
+    return EvalOptions(**values).validate()
+
+
+def saved_args(options: EvalOptions) -> argparse.Namespace:
+    """The saving run's flags, read from the checkpoint (no model is built)."""
+    from megatron_emoe.training.checkpoints import checkpoint_args
+
+    return checkpoint_args(options.load)
+
+
+class CheckpointEvaluator:
+    """A loaded model plus its validation batches; `evaluate(budget)` gives a `BudgetResult`."""
+
+    def __init__(self, model: list, args: argparse.Namespace, options: EvalOptions):
+        from megatron.core.utils import get_model_config
+
+        from megatron_emoe.config import decoder_moe_layers
+        from megatron_emoe.training.data import validation_iterator_factory
+
+        self.model, self.args, self.options = model, args, options
+        self.config = get_model_config(model[0])
+        self.num_moe_layers = len(decoder_moe_layers(self.config))
+        self.num_experts = self.config.num_moe_experts
+        self.train_topk = self.config.moe_router_topk
+        self._make_iterator = validation_iterator_factory(args)
+
+    def layer_expert_flops(self) -> list[float]:
+        """Forward FLOPs per token of ONE active routed expert in each MoE decoder layer."""
+        from megatron_emoe.evaluation.budget_eval import layer_expert_flops
+
+        return layer_expert_flops(self.config)
+
+    def expert_flops(self, budget: Budget) -> float:
+        """Routed-expert forward FLOPs per token of a fixed budget, without running the model."""
+        from megatron_emoe.evaluation.budget_eval import expert_flops, planned_experts
+
+        return expert_flops(self.config, planned_experts(self.config, budget))
+
+    def evaluate(self, budget: Budget):
+        """Validation loss and realised experts per token at `budget` (int, per-layer, `TopP`)."""
+        from megatron_emoe.evaluation.budget_eval import evaluate_at_budget
+
+        return evaluate_at_budget(
+            self.model, budget, self._make_iterator, coactivation_dir=self.options.coactivation_dir
+        )
+
+
+def _args_for(options: EvalOptions, saved: argparse.Namespace, top_p: bool) -> argparse.Namespace:
+    """Megatron args to rebuild the saved model at the asked layout, reading the asked data."""
+    from megatron_emoe.config import takes_per_token_budgets
+    from megatron_emoe.conversion.megatron_side import args_from_checkpoint
+
+    args = args_from_checkpoint(
+        saved, options.load, options.tensor_model_parallel_size, options.expert_model_parallel_size
+    )
+    args.micro_batch_size = options.micro_batch_size or saved.micro_batch_size
+    args.global_batch_size = options.global_batch_size or saved.global_batch_size
+    args.eval_iters = options.eval_iters or saved.eval_iters
+    if options.tokenizer_model:
+        args.tokenizer_model = options.tokenizer_model
+    if options.valid_data_path:
+        args.valid_data_path = list(options.valid_data_path)
+        args.data_path = None
+    if not args.data_path:  # per-split paths: read only the validation split
+        args.train_data_path = args.test_data_path = None
+    if options.moe_token_dispatcher_type:
+        args.moe_token_dispatcher_type = options.moe_token_dispatcher_type
+    elif top_p and not takes_per_token_budgets(args):  # Megatron args use the same names
+        args.moe_token_dispatcher_type = "allgather"
+    return args
+
+
+@contextlib.contextmanager
+def checkpoint_evaluator(options: EvalOptions, top_p: bool = False) -> Iterator[CheckpointEvaluator]:
+    """Build and load the checkpoint on the current gloo ranks (Megatron's parallel state set up
+    at the options' layout, as `run_on_ranks` does); `top_p` readies the dispatcher for it."""
+    from megatron_emoe.conversion.megatron_side import build_model, load, megatron_globals
+
+    saved = saved_args(options)
+    options.check_against(saved)
+    args = _args_for(options, saved, top_p)
+    with megatron_globals(args, build_tokenizer=True):
+        model = build_model(args)
+        args.iteration = load(model)
+        for chunk in model:
+            chunk.eval()
+        yield CheckpointEvaluator(model, args, options)
+
+
+def _rank_body(rank: int, options: EvalOptions, top_p: bool, fn: Callable, fn_args: tuple,
+               result_path: str) -> None:
+    import logging
+
+    import torch
+
+    logging.getLogger("megatron").setLevel(logging.ERROR)  # per-evaluation timer and mode lines
+
+    with checkpoint_evaluator(options, top_p) as evaluator:
+        result = fn(evaluator, *fn_args)
+    if rank == 0:
+        torch.save(result, result_path)
+
+
+def run_on_ranks(options: EvalOptions, fn: Callable, *fn_args, top_p: bool = False,
+                 timeout: float = 24 * 3600):
+    """Run `fn(evaluator, *fn_args)` on `options.nproc` local gloo ranks with the checkpoint
+    loaded; return rank 0's result. `fn` must be a top-level function (it is pickled)."""
+    import torch
+
+    from megatron_emoe.launch import run_gloo
+
+    with tempfile.TemporaryDirectory(prefix="megatron-emoe-eval-") as scratch:
+        result_path = os.path.join(scratch, "result.pt")
+        run_gloo(
+            _rank_body, world_size=options.nproc, tp=options.tensor_model_parallel_size,
+            ep=options.expert_model_parallel_size,
+            args=(options, top_p, fn, fn_args, result_path), timeout=timeout,
+        )
+        return torch.load(result_path, weights_only=False)
+
+
+def needs_top_p(budgets) -> bool:
+    return any(isinstance(budget, TopP) for budget in budgets)

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Validation loss / perplexity of a Megatron checkpoint at inference budgets.
+
+  python tools/elastic_eval.py --load CKPT --output DIR [--budgets 1 2 3 4 5 6]
+         [--layer-budgets 1-2-4-4 ...] [--allocation allocation.json]
+         [--top-p 0.5 0.8 --top-p-max-experts 6] [--nproc N --expert-model-parallel-size N]
+         [--valid-data-path PREFIX ...] [--eval-iters N] [--coactivation-dir DIR] [--overwrite]
+
+Writes DIR/elastic_eval.json (every figure), elastic_eval.csv (one row per budget) and
+elastic_eval.png (loss against active experts and against routed-expert FLOPs per token). The
+checkpoint loads at any TP/EP layout; by default it is evaluated on its own validation data with
+its own --eval-iters and batch size, i.e. the batches of the training loop's first evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_emoe.evaluation import budget_specs, report  # noqa: E402
+from megatron_emoe.evaluation.checkpoint_eval import (  # noqa: E402
+    add_eval_arguments,
+    needs_top_p,
+    options_from_args,
+    run_on_ranks,
+    saved_args,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_arguments(parser)
+    group = parser.add_argument_group("budgets")
+    group.add_argument("--budgets", type=int, nargs="*", default=None,
+                       help="k' for every MoE layer (default 1 ... 3k, capped at the experts)")
+    group.add_argument("--layer-budgets", nargs="+", default=[],
+                       help="per-layer budgets, one per MoE layer, e.g. 1-2-4-4")
+    group.add_argument("--allocation", default=None,
+                       help="JSON from tools/search_budget_allocation.py (its 'allocation')")
+    group.add_argument("--top-p", type=float, nargs="+", default=[],
+                       help="token-adaptive budgets: fewest experts whose router probability reaches p")
+    group.add_argument("--top-p-max-experts", type=int, default=None,
+                       help="cap of the top-p budgets (default 3k, capped at the experts)")
+    parser.add_argument("--output", required=True, help="folder for elastic_eval.{json,csv,png}")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --output")
+    return parser
+
+
+def evaluate_all(evaluator, budgets) -> dict:
+    """Rank body: every budget in turn, with a progress line each; the JSON-ready record."""
+    import torch
+
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    results = []
+    for index, budget in enumerate(budgets, 1):
+        start = time.time()
+        result = evaluator.evaluate(budget)
+        results.append(result.to_dict())
+        if rank0:
+            print(f"[{index}/{len(budgets)}] budget {result.label:>14}: val loss {result.val_loss:.4f}"
+                  f" | ppl {result.perplexity:8.2f} | experts/token {result.active_experts:.2f}"
+                  f" | {time.time() - start:.1f} s", flush=True)
+    args = evaluator.args
+    return {
+        "checkpoint": os.path.abspath(evaluator.options.load),
+        "iteration": args.iteration,
+        "router_mode": getattr(args, "moe_router_mode", "topk"),
+        "train_topk": evaluator.train_topk,
+        "num_experts": evaluator.num_experts,
+        "num_moe_layers": evaluator.num_moe_layers,
+        "layout": {"nproc": evaluator.options.nproc,
+                   "tensor_model_parallel_size": args.tensor_model_parallel_size,
+                   "expert_model_parallel_size": args.expert_model_parallel_size,
+                   "moe_token_dispatcher_type": args.moe_token_dispatcher_type},
+        "valid_data_path": args.valid_data_path or args.data_path,
+        "eval_iters": args.eval_iters,
+        "global_batch_size": args.global_batch_size,
+        "seq_length": args.seq_length,
+        "results": results,
+    }
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    flags = parser.parse_args(argv)
+    try:
+        options = options_from_args(flags)
+        saved = saved_args(options)
+        options.check_against(saved)
+        budgets = budget_specs.collect(
+            saved, flags.budgets, flags.layer_budgets, flags.allocation, flags.top_p,
+            flags.top_p_max_experts, options.moe_token_dispatcher_type,
+        )
+        clash = report.existing_outputs(flags.output)
+        if clash and not flags.overwrite:
+            raise ValueError(f"--output {flags.output} already has {', '.join(clash)}: "
+                             "pass --overwrite to replace them")
+    except ValueError as error:
+        parser.exit(2, f"elastic_eval.py: error: {error}\n")
+    print(f"evaluating {options.load} at {len(budgets)} budgets on {options.nproc} process(es)",
+          flush=True)
+    record = run_on_ranks(options, evaluate_all, budgets, top_p=needs_top_p(budgets))
+    for path in report.write_all(flags.output, record):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
