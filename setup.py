@@ -11,6 +11,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_emoe", "megatron_emoe.*"]),
+    # the local lm-eval task shipped for offline runs and tests
+    package_data={"megatron_emoe.evaluation": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"]},
     python_requires=">=3.12",
     install_requires=[
         "torch>=2.6",
@@ -31,6 +33,9 @@ setup(
     extras_require={
         # Transformer Engine's torch binding builds from source against CUDA: GPU machines only.
         "te": ["transformer-engine[pytorch]>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        # Downstream tasks through EleutherAI's lm-eval (megatron_emoe.evaluation.lm_eval_adapter,
+        # tools/lm_eval_emoe.py); the core package imports without it.
+        "eval": ["lm_eval==0.4.13"],
+        "dev": ["pytest>=8", "pytest-timeout", "lm_eval==0.4.13"],
     },
 )

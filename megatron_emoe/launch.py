@@ -9,6 +9,7 @@ world_size=1 it runs in the calling process.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import tempfile
@@ -22,8 +23,10 @@ import torch.multiprocessing as mp
 SEED = 1234
 
 
-def _run(rank, world_size, store_dir, fn, args, kwargs, parallel, timeout):
-    """Body of one rank: set up gloo and Megatron, run `fn`, always tear down."""
+@contextlib.contextmanager
+def gloo_session(rank, world_size, store_dir, *, tp=1, ep=1, pp=1, timeout=120):
+    """This process as rank `rank` of a local gloo world (file store in `store_dir`) with the CPU
+    shim, Megatron's parallel groups and seeds set up; all torn down on exit."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
@@ -42,19 +45,25 @@ def _run(rank, world_size, store_dir, fn, args, kwargs, parallel, timeout):
     try:
         cpu.enable()
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=parallel["tp"],
-            expert_model_parallel_size=parallel["ep"],
-            pipeline_model_parallel_size=parallel["pp"],
+            tensor_model_parallel_size=tp,
+            expert_model_parallel_size=ep,
+            pipeline_model_parallel_size=pp,
         )
         torch.manual_seed(SEED)  # as megatron.training does before seeding the tracker
         tensor_parallel.model_parallel_cuda_manual_seed(SEED)
-        return fn(rank, *args, **kwargs)
+        yield
     finally:
         # Routers record into a global tracker sized and grouped by the first model: reset it
         # so a later in-process run with other layers or groups starts clean.
         destroy_moe_metrics_tracker()
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def _run(rank, world_size, store_dir, fn, args, kwargs, parallel, timeout):
+    """Body of one rank: set up gloo and Megatron, run `fn`, always tear down."""
+    with gloo_session(rank, world_size, store_dir, timeout=timeout, **parallel):
+        return fn(rank, *args, **kwargs)
 
 
 def run_gloo(fn, world_size=2, *, tp=1, ep=1, pp=1, args=(), kwargs=None, timeout=120):

@@ -34,6 +34,8 @@ class BudgetResult:
 
 def budget_label(budget: Budget) -> str:
     """Short text for a budget, as used in tables, file names and JSON keys."""
+    if budget is None:
+        return "default"  # the training top-k
     if isinstance(budget, TopP):
         return budget.label
     if isinstance(budget, (list, tuple)):
