@@ -12,8 +12,14 @@ from megatron_emoe.config import Budget, TopP, validate_budget
 
 
 def model_view(saved: argparse.Namespace, dispatcher: Optional[str] = None) -> argparse.Namespace:
-    """The TransformerConfig-named fields `validate_budget` reads, from saved Megatron args."""
+    """The TransformerConfig-named fields that `validate_budget` and the expert-FLOPs count
+    (`budget_eval.layer_expert_flops`) read, from saved Megatron args."""
     return argparse.Namespace(
+        hidden_size=saved.hidden_size,
+        ffn_hidden_size=saved.ffn_hidden_size,
+        moe_ffn_hidden_size=saved.moe_ffn_hidden_size,
+        # as Megatron's core_transformer_config_from_args sets it
+        gated_linear_unit=bool(getattr(saved, "swiglu", False) or getattr(saved, "quick_geglu", False)),
         num_moe_experts=saved.num_experts,
         moe_router_topk=saved.moe_router_topk,
         moe_router_num_groups=getattr(saved, "moe_router_num_groups", None),
