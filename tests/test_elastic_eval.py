@@ -61,7 +61,8 @@ def test_loss_at_training_k_equals_training_loop_validation_at_both_layouts(chec
     ckpt, training_val_loss = checkpoint
     # As trained: 2 processes, expert parallel 2.
     as_trained = _tool("--load", str(ckpt), "--output", str(tmp_path / "ep2"), "--nproc", "2",
-                       "--expert-model-parallel-size", "2", "--budgets", "1", "2", "4")
+                       "--expert-model-parallel-size", "2", "--budgets", "1", "2", "4",
+                       "--coactivation-dir", str(tmp_path / "coactivation"))
     assert as_trained.returncode == 0, as_trained.stderr[-3000:]
     record, by_label = _results(tmp_path / "ep2")
     # The log prints 7 significant digits.
@@ -72,6 +73,10 @@ def test_loss_at_training_k_equals_training_loop_validation_at_both_layouts(chec
     # Routed-expert FLOPs: SwiGLU off in TINY_MODEL, so 2 matmuls of 64 x 64 per expert per layer.
     assert by_label["4"]["expert_flops"] == pytest.approx(2 * 2 * 64 * 64 * 4 * 2)
     assert "[3/3] budget" in as_trained.stdout
+    from megatron_emoe import coactivation
+
+    stats = coactivation.load(str(tmp_path / "coactivation" / "eval_k4.npz"))
+    assert [int(stats.counts[n].diagonal().sum()) for n in (1, 2)] == [4 * by_label["4"]["routed_tokens"]] * 2
 
     # Resharded to 1 process (dist_checkpointing), plus per-layer and top-p budgets.
     single = _tool("--load", str(ckpt), "--output", str(tmp_path / "ep1"), "--budgets", "2", "3",

@@ -106,6 +106,12 @@ def main(argv=None) -> int:
     record = run_on_ranks(options, evaluate_all, budgets, top_p=needs_top_p(budgets))
     for path in report.write_all(flags.output, record):
         print(f"wrote {path}")
+    if options.coactivation_dir:
+        from megatron_emoe import coactivation
+
+        # With the training run's matrices there (train.npz), the train-vs-eval distances too.
+        if coactivation.compare_directory(options.coactivation_dir) is not None:
+            print(f"wrote {os.path.join(options.coactivation_dir, coactivation.DISTANCE_FILE)}")
     return 0
 
 
