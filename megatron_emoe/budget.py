@@ -8,6 +8,7 @@ layer numbers, so every pipeline stage takes the same list.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Union
 
 import torch
@@ -33,6 +34,20 @@ def set_active_experts(model, k: Budget) -> None:
     budget = validate_budget(k, routers[0].config, flag="set_active_experts k")
     for router in routers:
         router.budget = budget
+
+
+@contextlib.contextmanager
+def active_experts(model, k: Budget):
+    """`set_active_experts(model, k)` inside the block; afterwards every router gets back the
+    budget it had before (even if the block raised)."""
+    routers = _routers_or_raise(model)
+    previous = [router.budget for router in routers]
+    try:
+        set_active_experts(model, k)
+        yield
+    finally:
+        for router, budget in zip(routers, previous, strict=True):
+            router.budget = budget
 
 
 def get_active_experts(model) -> list:

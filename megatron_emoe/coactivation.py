@@ -371,21 +371,15 @@ def collect_at_budgets(
 ) -> dict:
     """Eval-mode co-activation at each budget k': sets it (`set_active_experts`), calls `run()`
     (which runs the eval forwards), reduces over ranks; restores each router's budget after."""
-    from megatron_emoe.budget import elastic_routers, set_active_experts
+    from megatron_emoe.budget import active_experts
 
-    routers = elastic_routers(model)
-    saved = [router.budget for router in routers]
     results = {}
-    try:
-        for k in budgets:
-            set_active_experts(model, k)
+    for k in budgets:
+        with active_experts(model, k):
             with CoactivationRecorder(model, phase="eval", entropy=entropy) as recorder:
                 run()
-            results[k] = recorder.reduce(group)
-            results[k].meta.update(tag=eval_tag(k), budget=k)
-    finally:
-        for router, budget in zip(routers, saved, strict=True):
-            router.budget = budget
+        results[k] = recorder.reduce(group)
+        results[k].meta.update(tag=eval_tag(k), budget=k)
     return results
 
 

@@ -90,22 +90,15 @@ def evaluate_at_budget(
     from megatron.training.training import evaluate
 
     from megatron_emoe import coactivation
-    from megatron_emoe.budget import elastic_routers, set_active_experts
+    from megatron_emoe.budget import active_experts
 
     if forward_step is None:
         from megatron_emoe.training.step import forward_step
     config = get_model_config(model[0])
-    routers = elastic_routers(model)
-    saved = [router.budget for router in routers]
-    try:
-        set_active_experts(model, budget)
-        with coactivation.CoactivationRecorder(
-            model, phase="eval", entropy=coactivation_dir is not None
-        ) as recorder:
-            loss_dict, _, _ = evaluate(forward_step, make_iterator(), model, None, config)
-    finally:
-        for router, previous in zip(routers, saved, strict=True):
-            router.budget = previous
+    with active_experts(model, budget), coactivation.CoactivationRecorder(
+        model, phase="eval", entropy=coactivation_dir is not None
+    ) as recorder:
+        loss_dict, _, _ = evaluate(forward_step, make_iterator(), model, None, config)
     stats = recorder.reduce()
     if coactivation_dir is not None:
         coactivation.write_reduced(
