@@ -66,9 +66,10 @@ def check(args: argparse.Namespace):
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     if not os.path.isdir(args.load) or latest_checkpoint_name(args.load) is None:
         raise UsageError(f"--load {args.load}: no Megatron checkpoint (latest_checkpointed_iteration.txt) there")
-    from megatron_emoe.evaluation.lm_eval_adapter import checkpoint_transformer_config
+    from megatron_emoe.evaluation.budget_specs import checkpoint_config
 
-    config = checkpoint_transformer_config(args.load)
+    saved = checkpoint_args(args.load)
+    config = checkpoint_config(saved)
     budgets = []
     for flag, values in [("--budgets", [k]) for k in args.budgets] + \
                         [("--active-experts", ks) for ks in args.active_experts]:
@@ -76,7 +77,7 @@ def check(args: argparse.Namespace):
             budgets.append(validate_budget(values[0] if len(values) == 1 else values, config, flag=flag))
         except ValueError as error:
             raise UsageError(str(error)) from None
-    tokenizer = args.tokenizer_model or checkpoint_args(args.load).tokenizer_model
+    tokenizer = args.tokenizer_model or saved.tokenizer_model
     if not tokenizer or not os.path.isdir(tokenizer):
         raise UsageError(f"--tokenizer-model {tokenizer}: not a tokenizer folder"
                          + ("" if args.tokenizer_model else " (the checkpoint's; pass --tokenizer-model)"))

@@ -30,7 +30,7 @@ from megatron_emoe.evaluation.allocation import (
     COST_RTOL, GREEDY_STARTS, Allocation, Evaluation, search_allocation, validate_search,
 )
 from megatron_emoe.evaluation.budget_eval import layer_expert_flops
-from megatron_emoe.evaluation.budget_specs import model_view
+from megatron_emoe.evaluation.budget_specs import checkpoint_config
 from megatron_emoe.evaluation.checkpoint_eval import (
     add_eval_arguments, options_from_args, run_on_ranks, saved_args,
 )
@@ -166,7 +166,7 @@ def plan_search(settings: SearchSettings, tc, layer_cost: Sequence[float]) -> Se
 def plan_from_checkpoint(settings: SearchSettings, saved: argparse.Namespace,
                          dispatcher: Optional[str] = None) -> SearchPlan:
     """`plan_search` from the checkpoint's saved flags, before any model is built."""
-    tc = model_view(saved, dispatcher)
+    tc = checkpoint_config(saved, dispatcher)
     return plan_search(settings, tc, layer_expert_flops(tc))
 
 

@@ -38,19 +38,12 @@ def args_from_checkpoint(
     saved: argparse.Namespace, load_dir: str, tp: int = 1, ep: int = 1
 ) -> argparse.Namespace:
     """The saved run's flags, re-targeted at loading its weights at TP = `tp`, EP = `ep` on the
-    ranks of the current gloo world (no pipeline or context parallelism, no optimizer).
-
-    Starts from today's defaults so flags the saving run did not know (plain Megatron-LM
-    checkpoints have no elastic flags) take their default values.
+    ranks of the current gloo world (no pipeline or context parallelism, no optimizer), on top
+    of `saved_over_defaults`.
     """
     from megatron_emoe.training import cpu_loop
-    from megatron_emoe.training.arguments import parse_training_args
 
-    args = parse_training_args(cpu_loop.with_cpu_flags([]))
-    runtime = {"rank", "world_size", "local_rank"}
-    for name, value in vars(saved).items():
-        if name not in runtime:
-            setattr(args, name, value)
+    args = saved_over_defaults(saved)
     world = torch.distributed.get_world_size()
     layout = {
         "tensor_model_parallel_size": tp, "expert_model_parallel_size": ep, "expert_tensor_parallel_size": 1,
@@ -69,6 +62,21 @@ def args_from_checkpoint(
     if cpu_loop.on_cpu():
         args.transformer_impl = "local"
         args.use_cpu_initialization = True
+    return args
+
+
+def saved_over_defaults(saved: argparse.Namespace) -> argparse.Namespace:
+    """Today's default flags with the saved run's values on top (no process group needed):
+    flags the saving run did not know (plain Megatron-LM checkpoints have no elastic flags) take
+    their default values."""
+    from megatron_emoe.training import cpu_loop
+    from megatron_emoe.training.arguments import parse_training_args
+
+    args = parse_training_args(cpu_loop.with_cpu_flags([]))
+    runtime = {"rank", "world_size", "local_rank"}
+    for name, value in vars(saved).items():
+        if name not in runtime:
+            setattr(args, name, value)
     return args
 
 

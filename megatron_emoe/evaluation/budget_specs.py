@@ -11,28 +11,18 @@ from typing import Optional, Sequence
 from megatron_emoe.config import Budget, TopP, validate_budget
 
 
-def model_view(saved: argparse.Namespace, dispatcher: Optional[str] = None) -> argparse.Namespace:
-    """The TransformerConfig-named fields that `validate_budget` and the expert-FLOPs count
-    (`budget_eval.layer_expert_flops`) read, from saved Megatron args."""
-    return argparse.Namespace(
-        hidden_size=saved.hidden_size,
-        ffn_hidden_size=saved.ffn_hidden_size,
-        moe_ffn_hidden_size=saved.moe_ffn_hidden_size,
-        # as Megatron's core_transformer_config_from_args sets it
-        gated_linear_unit=bool(getattr(saved, "swiglu", False) or getattr(saved, "quick_geglu", False)),
-        num_moe_experts=saved.num_experts,
-        moe_router_topk=saved.moe_router_topk,
-        moe_router_num_groups=getattr(saved, "moe_router_num_groups", None),
-        moe_router_group_topk=getattr(saved, "moe_router_group_topk", None),
-        moe_token_dispatcher_type=dispatcher or saved.moe_token_dispatcher_type,
-        moe_expert_capacity_factor=saved.moe_expert_capacity_factor,
-        moe_router_padding_for_quantization=getattr(saved, "moe_router_padding_for_quantization",
-                                                    False),
-        moe_layer_freq=saved.moe_layer_freq,
-        num_layers=saved.num_layers,
-        mtp_num_layers=getattr(saved, "mtp_num_layers", None),
-        moe_flex_dispatcher_backend=getattr(saved, "moe_flex_dispatcher_backend", None),
-    )
+def checkpoint_config(saved: argparse.Namespace, dispatcher: Optional[str] = None):
+    """The saved run's `TransformerConfig`, by Megatron's own translation of its flags (no model,
+    no process group), to check budgets and count expert FLOPs before anything is built;
+    `dispatcher` overrides the token dispatcher the budgets are checked against."""
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_emoe.conversion.megatron_side import saved_over_defaults
+
+    config = core_transformer_config_from_args(saved_over_defaults(saved))
+    if dispatcher:
+        config.moe_token_dispatcher_type = dispatcher
+    return config
 
 
 def parse_layer_budget(text: str, flag: str = "--layer-budgets") -> tuple[int, ...]:
@@ -71,21 +61,21 @@ def collect(
     dispatcher: Optional[str] = None,
 ) -> list[Budget]:
     """Every budget to evaluate, validated (ValueError naming the flag and the allowed range)."""
-    view = model_view(saved, dispatcher)
+    config = checkpoint_config(saved, dispatcher)
     result: list[Budget] = []
     for k in (default_budgets(saved) if budgets is None else budgets):
-        result.append(validate_budget(int(k), view, flag="--budgets"))
+        result.append(validate_budget(int(k), config, flag="--budgets"))
     for text in layer_budgets:
-        result.append(validate_budget(parse_layer_budget(text), view, flag="--layer-budgets"))
+        result.append(validate_budget(parse_layer_budget(text), config, flag="--layer-budgets"))
     if allocation:
-        result.append(validate_budget(read_allocation(allocation), view, flag="--allocation"))
+        result.append(validate_budget(read_allocation(allocation), config, flag="--allocation"))
     if top_p:
         cap = top_p_max_experts or min(3 * saved.moe_router_topk, saved.num_experts)
         # Top-p needs a dispatcher that takes per-token budgets; the evaluator switches dropless
         # alltoall to allgather unless --moe-token-dispatcher-type was given.
-        top_p_view = model_view(saved, dispatcher or "allgather")
+        top_p_config = checkpoint_config(saved, dispatcher or "allgather")
         for p in top_p:
-            result.append(validate_budget(TopP(float(p), cap), top_p_view, flag="--top-p"))
+            result.append(validate_budget(TopP(float(p), cap), top_p_config, flag="--top-p"))
     if not result:
         raise ValueError("nothing to evaluate: give --budgets, --layer-budgets, --allocation or --top-p")
     return result

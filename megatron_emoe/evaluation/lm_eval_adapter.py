@@ -60,15 +60,6 @@ def parse_budget(value) -> Budget:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def checkpoint_transformer_config(load: str):
-    """The saved run's TransformerConfig (no model, no process group): budgets validate against it."""
-    from megatron.training.arguments import core_transformer_config_from_args
-
-    from megatron_emoe.training.checkpoints import checkpoint_args
-
-    return core_transformer_config_from_args(checkpoint_args(load))
-
-
 # ---------------------------------------------------------------------- process state ----
 @contextlib.contextmanager
 def single_process_megatron():
