@@ -24,26 +24,34 @@ SEED = 1234
 
 
 @contextlib.contextmanager
-def gloo_session(rank, world_size, store_dir, *, tp=1, ep=1, pp=1, timeout=120):
-    """This process as rank `rank` of a local gloo world (file store in `store_dir`) with the CPU
-    shim, Megatron's parallel groups and seeds set up; all torn down on exit."""
+def megatron_session(
+    rank, world_size, store_dir, *, tp=1, ep=1, pp=1, timeout=120, backend="gloo"
+):
+    """This process as rank `rank` of a local world (file store in `store_dir`) with Megatron's
+    parallel groups and seeds set up; all torn down on exit. `backend="gloo"` (CPU or GPU, with
+    the CPU shim) or "nccl" (rank `rank` on GPU `rank`, for the GPU tests)."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     from megatron_emoe import cpu
 
+    nccl = backend == "nccl"
+    if nccl:
+        torch.cuda.set_device(rank)
     # A file store opens no listening socket, and gloo is pinned to loopback, so nothing here
     # is reachable from outside this machine (a TCP store would listen on every interface).
     with mock.patch.dict(os.environ, {"GLOO_SOCKET_IFNAME": "lo"}):
         dist.init_process_group(
-            "gloo",
+            backend,
             store=dist.FileStore(os.path.join(store_dir, "store"), world_size),
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
+            **({"device_id": torch.device("cuda", rank)} if nccl else {}),
         )
     try:
-        cpu.enable()
+        if not nccl:
+            cpu.enable()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             expert_model_parallel_size=ep,
@@ -56,13 +64,18 @@ def gloo_session(rank, world_size, store_dir, *, tp=1, ep=1, pp=1, timeout=120):
         # Routers record into a global tracker sized and grouped by the first model: reset it
         # so a later in-process run with other layers or groups starts clean.
         destroy_moe_metrics_tracker()
+        if nccl:  # HybridEP keeps a process-wide buffer bound to these groups
+            from megatron.core.transformer.moe import fused_a2a
+
+            if getattr(fused_a2a, "reset_hybrid_ep_buffer", None) is not None:
+                fused_a2a.reset_hybrid_ep_buffer()
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 
 def _run(rank, world_size, store_dir, fn, args, kwargs, parallel, timeout):
     """Body of one rank: set up gloo and Megatron, run `fn`, always tear down."""
-    with gloo_session(rank, world_size, store_dir, timeout=timeout, **parallel):
+    with megatron_session(rank, world_size, store_dir, timeout=timeout, **parallel):
         return fn(rank, *args, **kwargs)
 
 

@@ -7,10 +7,8 @@ Nothing here imports Transformer Engine at module level: the file must import on
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import enum
 import importlib
-import os
 import tempfile
 from typing import Optional
 
@@ -19,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.extensions.transformer_engine import HAVE_TE
 
-from megatron_emoe.launch import spawn_ranks
+from megatron_emoe.launch import megatron_session, spawn_ranks
 
 CUDA = torch.cuda.is_available()
 NO_CUDA_REASON = "needs a CUDA GPU (none visible to torch)"
@@ -27,7 +25,6 @@ NO_TE_REASON = (
     "needs Transformer Engine (pip install -e '.[te]' on a CUDA machine); "
     "megatron.core.extensions.transformer_engine.HAVE_TE is False"
 )
-SEED = 1234
 
 
 # -------------------------------------------------------------------------------------------------
@@ -106,33 +103,9 @@ def flex_backend_status(backend: str) -> tuple[bool, str]:
 # NCCL processes with Megatron's parallel state (the GPU counterpart of megatron_emoe.launch)
 # -------------------------------------------------------------------------------------------------
 def _nccl_rank(rank, world_size, store_dir, fn, args, tp, ep, timeout):
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
-
-    torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl",
-        store=dist.FileStore(os.path.join(store_dir, "store"), world_size),
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout),
-        device_id=torch.device("cuda", rank),
-    )
-    try:
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, expert_model_parallel_size=ep
-        )
-        torch.manual_seed(SEED)
-        tensor_parallel.model_parallel_cuda_manual_seed(SEED)
+    with megatron_session(rank, world_size, store_dir, tp=tp, ep=ep, timeout=timeout,
+                          backend="nccl"):
         return fn(rank, *args)
-    finally:
-        destroy_moe_metrics_tracker()
-        from megatron.core.transformer.moe import fused_a2a
-
-        if getattr(fused_a2a, "reset_hybrid_ep_buffer", None) is not None:
-            fused_a2a.reset_hybrid_ep_buffer()
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def run_nccl(fn, world_size: int = 1, *, tp: int = 1, ep: int = 1, args=(), timeout: int = 300):

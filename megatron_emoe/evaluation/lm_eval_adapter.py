@@ -76,10 +76,10 @@ def single_process_megatron():
         yield
         return
 
-    from megatron_emoe.launch import gloo_session
+    from megatron_emoe.launch import megatron_session
 
     with tempfile.TemporaryDirectory(prefix="megatron-emoe-lm-eval-") as store_dir:
-        with gloo_session(0, 1, store_dir, timeout=600):
+        with megatron_session(0, 1, store_dir, timeout=600):
             yield
 
 
