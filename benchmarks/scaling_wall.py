@@ -304,12 +304,9 @@ def resolve_data(args) -> dict[str, str]:
 
 def split_tokens(prefix: str) -> int:
     """Tokens in an indexed dataset (the sum of its document lengths)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron_emoe.data.indexed import sequence_lengths
 
-    dataset = IndexedDataset(prefix, multimodal=False, mmap=False)
-    tokens = int(dataset.sequence_lengths.sum())  # while the index is still mapped
-    del dataset
-    return tokens
+    return int(sequence_lengths(prefix).sum())
 
 
 def eval_iters(args, data) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import numpy
 
-from megatron_emoe.data.indexed import LOSS_MASK_SUFFIX
+from megatron_emoe.data.indexed import LOSS_MASK_SUFFIX, sequence_lengths
 from megatron_emoe.data.sidecar import find_sidecar, sidecar_tokenizer
 
 _IDX_DTYPE_OFFSET = 17  # 9-byte magic + 8-byte version, then one byte: the dtype code
@@ -28,7 +28,7 @@ def check_data_prefixes(
         _check_files(prefix, flag, what="data")
         if sft:
             _check_files(prefix + LOSS_MASK_SUFFIX, flag, what="SFT loss mask (--sft-packed)")
-            if not numpy.array_equal(_sequence_lengths(prefix), _sequence_lengths(prefix + LOSS_MASK_SUFFIX)):
+            if not numpy.array_equal(sequence_lengths(prefix), sequence_lengths(prefix + LOSS_MASK_SUFFIX)):
                 raise ValueError(
                     f"{flag}: {prefix}{LOSS_MASK_SUFFIX} does not match {prefix} document for document; "
                     "re-run tools/preprocess_data.py --sft"
@@ -76,15 +76,6 @@ def _check_vocab(prefix: str, tokenizer_vocab_size: int, flag: str) -> None:
             f"tokens) but the tokenizer has {tokenizer_vocab_size}; --tokenizer-model must be the "
             "tokenizer the data was made with"
         )
-
-
-def _sequence_lengths(prefix: str) -> numpy.ndarray:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(prefix, multimodal=False, mmap=False)
-    lengths = numpy.array(dataset.sequence_lengths)  # copy while the index is still mapped
-    del dataset
-    return lengths
 
 
 def _is_number(value: str) -> bool:

@@ -20,6 +20,16 @@ def dataset_files(prefix: str) -> list[str]:
     return [prefix + ".bin", prefix + ".idx"]
 
 
+def sequence_lengths(prefix: str) -> numpy.ndarray:
+    """Document lengths `[documents]` of an indexed dataset (copied before its index is unmapped)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix, multimodal=False, mmap=False)
+    lengths = numpy.array(dataset.sequence_lengths)
+    del dataset
+    return lengths
+
+
 def refuse_existing(paths, overwrite: bool, flag: str = "--overwrite") -> None:
     """Raise before any work when an output already exists and `overwrite` is off."""
     existing = [p for p in paths if os.path.exists(p)]
