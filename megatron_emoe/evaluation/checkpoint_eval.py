@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 
 from megatron_emoe.config import Budget, TopP
 
-# Dispatchers whose buffers follow the number of experts per token (see config.takes_per_token_budgets).
+# Megatron's token dispatchers, for --moe-token-dispatcher-type (the model's own by default).
 DISPATCHERS = ("alltoall", "allgather", "flex")
 
 
@@ -251,4 +251,5 @@ def run_on_ranks(options: EvalOptions, fn: Callable, *fn_args, top_p: bool = Fal
 
 
 def needs_top_p(budgets) -> bool:
+    """Whether any budget is token-adaptive (the model then needs a dispatcher that takes it)."""
     return any(isinstance(budget, TopP) for budget in budgets)
