@@ -14,6 +14,17 @@ setup(
     # the local lm-eval task shipped for offline runs and tests
     package_data={"megatron_emoe.evaluation": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"]},
     python_requires=">=3.12",
+    entry_points={
+        "console_scripts": [
+            "emoe-pretrain = megatron_emoe.training.entry:main",
+            "emoe-build-default-data = megatron_emoe.cli.build_default_data:main",
+            "emoe-preprocess-data = megatron_emoe.cli.preprocess_data:main",
+            "emoe-convert-checkpoint = megatron_emoe.cli.convert_checkpoint:main",
+            "emoe-elastic-eval = megatron_emoe.cli.elastic_eval:main",
+            "emoe-search-budget-allocation = megatron_emoe.cli.search_budget_allocation:main",
+            "emoe-lm-eval = megatron_emoe.cli.lm_eval_emoe:main",
+        ],
+    },
     install_requires=[
         "torch>=2.6",
         "megatron-core~=0.19.2",

@@ -2,7 +2,7 @@
 
 Every benchmark builds Megatron-Core's own modules (the `MoELayer` / `TopKRouter` of Megatron's GPT
 layer specs, and the `ElasticMoELayer` / `ElasticRouter` that `with_elastic_router` puts there),
-inside `megatron_emoe.launch.run_gloo(..., world_size=1)`, which sets up gloo, Megatron's parallel
+inside `megatron_emoe.runtime.launch.run_gloo(..., world_size=1)`, which sets up gloo, Megatron's parallel
 state and seeds, and on CPU `megatron_emoe.cpu.enable()`.
 
 Timing: `time_interleaved` runs the variants being compared round-robin in one process (the order
@@ -55,7 +55,7 @@ from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from megatron_emoe import ElasticMoEConfig, with_elastic_router  # noqa: E402
-from megatron_emoe.launch import run_gloo  # noqa: E402
+from megatron_emoe.runtime.launch import run_gloo  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 _LOAD_AT_START = os.getloadavg()  # other work on a shared machine shows up as noise
@@ -286,7 +286,7 @@ def _jsonable(value):
 # ----------------------------------------------------------------------------------------------
 def launch(fn: Callable, *args, **kwargs):
     """Run `fn(*args, **kwargs)` in this process with gloo, Megatron's parallel state (TP = EP =
-    PP = 1) and its seeds set up (`megatron_emoe.launch.run_gloo`); returns `fn`'s result."""
+    PP = 1) and its seeds set up (`megatron_emoe.runtime.launch.run_gloo`); returns `fn`'s result."""
     result = {}
 
     def body(rank):

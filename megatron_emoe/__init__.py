@@ -15,8 +15,8 @@ _LAZY = {
     "set_active_experts": "megatron_emoe.budget",
     "get_active_experts": "megatron_emoe.budget",
     "elastic_routers": "megatron_emoe.budget",
-    "add_elastic_moe_args": "megatron_emoe.arguments",
-    "elastic_config_from_args": "megatron_emoe.arguments",
+    "add_elastic_moe_args": "megatron_emoe.config",
+    "elastic_config_from_args": "megatron_emoe.config",
     "CoactivationRecorder": "megatron_emoe.coactivation",
 }
 

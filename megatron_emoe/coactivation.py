@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import io
 import json
@@ -383,6 +384,12 @@ def collect_at_budgets(
     return results
 
 
+def existing_eval_files(directory: str, budgets: Iterable) -> list[str]:
+    """The files of `directory` that evaluating `budgets` would replace (`<eval tag>.npz`)."""
+    names = [f"{eval_tag(budget)}.npz" for budget in budgets]
+    return [name for name in names if os.path.exists(os.path.join(directory, name))]
+
+
 def eval_tag(budget) -> str:
     """File tag of eval matrices at `budget`: `eval_k4`, `eval_k1-2-4` for per-layer budgets,
     `eval_top_p0.5_max4` for token-adaptive ones."""
@@ -489,39 +496,15 @@ class TrainingCollector:
         return self.total
 
 
-_training: Optional[TrainingCollector] = None
-
-
-def start_training_collection(directory: str, **kwargs) -> TrainingCollector:
-    """Make the training entry collect co-activation into `directory` (see `TrainingCollector`)."""
-    global _training
-    _training = TrainingCollector(directory, **kwargs)
-    return _training
-
-
-def observe_training(model, iteration: Optional[int] = None) -> None:
-    """Forward-step hook-up: hook `model` into the active collection, if any (cheap otherwise)."""
-    if _training is not None:
-        _training.observe(model, iteration)
-
-
-def finish_training_collection() -> Optional[Coactivation]:
-    """End the active collection: write the last window (collective), detach; returns the total."""
-    global _training
-    collector, _training = _training, None
-    return collector.finish() if collector is not None else None
-
-
-def writing_at_saves(save_checkpoint):
-    """Wrap Megatron's `save_checkpoint(iteration, ...)` so that each save also writes the active
-    training collection (all ranks call `save_checkpoint`, so the reduction is safe there)."""
-    import functools
+def writing_at_saves(save_checkpoint, collector: TrainingCollector):
+    """Wrap Megatron's `save_checkpoint(iteration, ...)` so that each save also writes `collector`'s
+    window (all ranks call `save_checkpoint`, so the reduction is safe there)."""
 
     @functools.wraps(save_checkpoint)
     def save_and_write(iteration, *args, **kwargs):
         result = save_checkpoint(iteration, *args, **kwargs)
-        if _training is not None and not kwargs.get("release"):
-            _training.write(iteration)
+        if not kwargs.get("release"):
+            collector.write(iteration)
         return result
 
     return save_and_write

@@ -1,14 +1,18 @@
 """`ElasticMoEConfig`: the elastic-routing options, their CLI flags, and all their validation.
 
 Each field carries its Megatron-style flag in its metadata, so flags and fields map 1:1 by
-construction (see `arguments.py`). Every check lives here and raises `ValueError` naming the flag
+construction (`add_elastic_moe_args`, `elastic_config_from_args`). Every check lives here and raises `UsageError` naming the flag
 and its allowed range, before any model is built.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
+
+from megatron_emoe.errors import UsageError
 
 MODES = ("topk", "emoe", "mmoe")
 MMOE_SAMPLE_LEVELS = ("step", "layer", "token")
@@ -151,34 +155,34 @@ class ElasticMoEConfig:
     def _validate_standalone(self):
         """Rules that need no model config."""
         if self.mode not in MODES:
-            raise ValueError(f"--moe-router-mode must be one of {MODES}, got {self.mode!r}")
+            raise UsageError(f"--moe-router-mode must be one of {MODES}, got {self.mode!r}")
         if self.mmoe_sample_level not in MMOE_SAMPLE_LEVELS:
-            raise ValueError(
+            raise UsageError(
                 f"--mmoe-sample-level must be one of {MMOE_SAMPLE_LEVELS}, "
                 f"got {self.mmoe_sample_level!r}"
             )
         if self.k_ideal_factor < 1.0:
-            raise ValueError(f"--emoe-k-ideal-factor must be >= 1, got {self.k_ideal_factor}")
+            raise UsageError(f"--emoe-k-ideal-factor must be >= 1, got {self.k_ideal_factor}")
         if self.hr_loss_coeff < 0.0:
-            raise ValueError(f"--emoe-hr-loss-coeff must be >= 0, got {self.hr_loss_coeff}")
+            raise UsageError(f"--emoe-hr-loss-coeff must be >= 0, got {self.hr_loss_coeff}")
         if self.mmoe_k_choices is not None and (
             self.mmoe_k_min is not None or self.mmoe_k_max is not None
         ):
-            raise ValueError("give either --mmoe-k-choices or --mmoe-k-min/--mmoe-k-max, not both")
+            raise UsageError("give either --mmoe-k-choices or --mmoe-k-min/--mmoe-k-max, not both")
         if self.mmoe_k_choices is not None and len(self.mmoe_k_choices) == 0:
-            raise ValueError("--mmoe-k-choices needs at least one value")
+            raise UsageError("--mmoe-k-choices needs at least one value")
 
     def validate(self, transformer_config) -> None:
         """Check this config against a Megatron `TransformerConfig`; raise `ValueError` if off."""
         tc = transformer_config
         num_experts, topk = tc.num_moe_experts, tc.moe_router_topk
         if not num_experts:
-            raise ValueError("the elastic router needs an MoE model: set --num-experts")
+            raise UsageError("the elastic router needs an MoE model: set --num-experts")
         if self.mode == "emoe":
             k_ideal = self.resolved_k_ideal(topk)
             limit = max_routable_experts(tc)
             if not topk <= k_ideal <= limit:
-                raise ValueError(
+                raise UsageError(
                     f"--emoe-k-ideal must be in [moe-router-topk={topk}, {limit}] "
                     f"({_limit_reason(tc)}), got {k_ideal}"
                     + ("" if self.k_ideal is not None else " from --emoe-k-ideal-factor")
@@ -188,7 +192,7 @@ class ElasticMoEConfig:
         if self.mode != "topk":
             self._validate_router_features(tc)
             if _ncclep(tc):
-                raise ValueError(
+                raise UsageError(
                     f"--moe-router-mode {self.mode} varies the experts per token, but "
                     "--moe-flex-dispatcher-backend ncclep sizes its buffers once from the first "
                     "dispatch: use deepep, hybridep or --moe-token-dispatcher-type alltoall"
@@ -201,12 +205,12 @@ class ElasticMoEConfig:
         limit = max_routable_experts(tc)
         if not budgets or budgets[0] < 1 or budgets[-1] > limit:
             flag = "--mmoe-k-choices" if self.mmoe_k_choices is not None else "--mmoe-k-min/max"
-            raise ValueError(
+            raise UsageError(
                 f"{flag} must lie in [1, {limit}] ({_limit_reason(tc)}) and not be empty, "
                 f"got {list(budgets)}"
             )
         if self.mmoe_sample_level == "token" and not takes_per_token_budgets(tc):
-            raise ValueError(
+            raise UsageError(
                 f"--mmoe-sample-level token gives each token its own k, which "
                 f"--moe-token-dispatcher-type {tc.moe_token_dispatcher_type} cannot take in "
                 f"dropless mode (it needs exactly moe-router-topk experts per token). Use "
@@ -218,17 +222,17 @@ class ElasticMoEConfig:
         types = balancing if isinstance(balancing, list) else [balancing]
         unsupported = [t for t in types if t not in AUX_LOSS_TYPES]
         if unsupported:
-            raise ValueError(
+            raise UsageError(
                 f"--moe-router-load-balancing-type {unsupported[0]} is not supported with "
                 f"--moe-router-mode {self.mode}; allowed: {AUX_LOSS_TYPES}"
             )
         if getattr(tc, "moe_enable_routing_replay", False):
-            raise ValueError(
+            raise UsageError(
                 f"--moe-enable-routing-replay replays fixed top-k choices and cannot be combined "
                 f"with --moe-router-mode {self.mode}; use --moe-router-mode topk"
             )
         if tc.moe_apply_probs_on_input and self.max_training_topk(tc.moe_router_topk) != 1:
-            raise ValueError(
+            raise UsageError(
                 f"--moe-apply-probs-on-input needs exactly one expert per token, which "
                 f"--moe-router-mode {self.mode} does not keep"
             )
@@ -285,7 +289,7 @@ def validate_budget(budget: Budget, tc, flag: str = "active experts") -> Budget:
         return _validate_top_p(budget, tc, flag)
     values = [budget] if isinstance(budget, int) else list(budget)
     if not values or any(isinstance(k, bool) or not isinstance(k, int) for k in values):
-        raise ValueError(f"{flag} must be an int or a list of ints, got {budget!r}")
+        raise UsageError(f"{flag} must be an int or a list of ints, got {budget!r}")
     limit = max_routable_experts(tc)
     if _ncclep(tc):  # buffers sized from the training top-k at the first dispatch
         limit = min(limit, tc.moe_router_topk)
@@ -293,13 +297,13 @@ def validate_budget(budget: Budget, tc, flag: str = "active experts") -> Budget:
         if not 1 <= k <= limit:
             reason = ("the ncclep flex backend cannot grow past the training top-k" if _ncclep(tc)
                       else _limit_reason(tc))
-            raise ValueError(f"{flag} must be in [1, {limit}] ({reason}), got {k}")
+            raise UsageError(f"{flag} must be in [1, {limit}] ({reason}), got {k}")
     if isinstance(budget, int):
         return budget
     num_decoder = len(decoder_moe_layers(tc))
     lengths = sorted({num_decoder, num_decoder + (tc.mtp_num_layers or 0)})
     if len(values) not in lengths:
-        raise ValueError(
+        raise UsageError(
             f"{flag} per-layer list must have one entry per MoE layer "
             f"({' or '.join(map(str, lengths))} for this model), got {len(values)}"
         )
@@ -309,14 +313,14 @@ def validate_budget(budget: Budget, tc, flag: str = "active experts") -> Budget:
 def _validate_top_p(budget: TopP, tc, flag: str) -> TopP:
     limit = max_routable_experts(tc)
     if isinstance(budget.p, bool) or not isinstance(budget.p, (int, float)) or not 0 < budget.p <= 1:
-        raise ValueError(f"{flag} top-p must be in (0, 1], got {budget.p!r}")
+        raise UsageError(f"{flag} top-p must be in (0, 1], got {budget.p!r}")
     k_max = budget.max_experts
     if isinstance(k_max, bool) or not isinstance(k_max, int) or not 1 <= k_max <= limit:
-        raise ValueError(
+        raise UsageError(
             f"{flag} top-p max experts must be in [1, {limit}] ({_limit_reason(tc)}), got {k_max!r}"
         )
     if not takes_per_token_budgets(tc):
-        raise ValueError(
+        raise UsageError(
             f"{flag} top-p gives each token its own number of experts, which "
             f"--moe-token-dispatcher-type {tc.moe_token_dispatcher_type} cannot take in dropless "
             f"mode: build the model with --moe-token-dispatcher-type allgather for top-p budgets"
@@ -335,3 +339,32 @@ def layer_budget(
         return budget[decoder.index(layer_number)]
     position = len(decoder) + layer_number - 1
     return budget[position] if position < len(budget) else budget[len(decoder) - 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: generated from the dataclass, so they map 1:1 to its fields
+# ---------------------------------------------------------------------------------------------
+def add_elastic_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the elastic-routing flags to a (Megatron) parser; usable as `extra_args_provider`."""
+    group = parser.add_argument_group(title="elastic MoE routing (megatron-emoe)")
+    for f in dataclasses.fields(ElasticMoEConfig):
+        meta = f.metadata
+        group.add_argument(
+            meta["flag"], dest=_dest(meta["flag"]), default=f.default, help=meta["help"],
+            **meta["argparse"],
+        )
+    return parser
+
+
+def elastic_config_from_args(args: argparse.Namespace, transformer_config=None) -> ElasticMoEConfig:
+    """Build (and, given a `TransformerConfig`, fully validate) the config from parsed flags."""
+    config = ElasticMoEConfig(
+        **{f.name: getattr(args, _dest(f.metadata["flag"])) for f in dataclasses.fields(ElasticMoEConfig)}
+    )
+    if transformer_config is not None:
+        config.validate(transformer_config)
+    return config
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")

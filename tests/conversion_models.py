@@ -84,7 +84,7 @@ def hf_logits(folder: str, ids: torch.Tensor, k: int | None = None) -> torch.Ten
 def megatron_logits(checkpoint: str, ids: torch.Tensor, k: int | None = None,
                     tp: int = 1, ep: int = 1) -> torch.Tensor:
     """Logits `[batch, seq, vocab]` of a Megatron checkpoint loaded at TP/EP on gloo ranks."""
-    from megatron_emoe.launch import run_gloo
+    from megatron_emoe.runtime.launch import run_gloo
 
     with tempfile.TemporaryDirectory() as scratch:
         out = os.path.join(scratch, "logits.pt")
@@ -97,7 +97,7 @@ def _megatron_logits_rank(rank, checkpoint, ids, k, tp, ep, out):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_emoe.budget import set_active_experts
-    from megatron_emoe.conversion.megatron_side import loaded_model
+    from megatron_emoe.runtime.model import loaded_model
 
     with loaded_model(checkpoint, tp=tp, ep=ep) as model:
         (chunk,) = model

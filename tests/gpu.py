@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.extensions.transformer_engine import HAVE_TE
 
-from megatron_emoe.launch import megatron_session, spawn_ranks
+from megatron_emoe.runtime.launch import megatron_session, spawn_ranks
 
 CUDA = torch.cuda.is_available()
 NO_CUDA_REASON = "needs a CUDA GPU (none visible to torch)"
@@ -100,7 +100,7 @@ def flex_backend_status(backend: str) -> tuple[bool, str]:
 
 
 # -------------------------------------------------------------------------------------------------
-# NCCL processes with Megatron's parallel state (the GPU counterpart of megatron_emoe.launch)
+# NCCL processes with Megatron's parallel state (the GPU counterpart of megatron_emoe.runtime.launch)
 # -------------------------------------------------------------------------------------------------
 def _nccl_rank(rank, world_size, store_dir, fn, args, tp, ep, timeout):
     with megatron_session(rank, world_size, store_dir, tp=tp, ep=ep, timeout=timeout,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import importlib.util
 import itertools
 import json
 import math
@@ -18,7 +17,8 @@ from megatron_emoe.evaluation.allocation import (
     GREEDY, REFINE, UNIFORM, MemoObjective, SearchSpace, greedy_ascent, search_allocation,
     validate_search,
 )
-from tests.training_runs import REPO, TINY_MODEL, environment, run_training
+from megatron_emoe.cli.search_budget_allocation import main as tool_main
+from tests.training_runs import REPO, TINY_MODEL, console_script, environment, run_training, usage_error
 
 
 class Counted:
@@ -228,17 +228,9 @@ def test_error_messages_can_use_flag_names():
 
 
 # ---------------------------------------------------------------------------------------------
-# tools/search_budget_allocation.py on a tiny trained checkpoint (2 MoE layers, 4 experts, top-2).
+# emoe-search-budget-allocation on a tiny trained checkpoint (2 MoE layers, 4 experts, top-2).
 # ---------------------------------------------------------------------------------------------
-TOOL = REPO / "tools" / "search_budget_allocation.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("search_budget_allocation_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+TOOL = console_script("emoe-search-budget-allocation")
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +250,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _search(checkpoint, output, *flags):
-    command = [sys.executable, str(TOOL), "--load", str(checkpoint), "--output", str(output), *flags]
+    command = [TOOL, "--load", str(checkpoint), "--output", str(output), *flags]
     return subprocess.run(command, cwd=REPO, env=environment(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
 
@@ -323,27 +315,24 @@ def test_cli_writes_an_allocation_within_budget_that_reproduces(tmp_path, checkp
     ],
 )
 def test_cli_bad_flags_exit_2_before_building(tmp_path, checkpoint, capsys, flags, message):
-    tool = _load_tool()
-    code = tool.main(["--load", str(checkpoint), "--output", str(tmp_path / "a.json"), *flags])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1, err
+    err = usage_error(tool_main, ["--load", str(checkpoint), "--output", str(tmp_path / "a.json"), *flags],
+                      capsys)
     assert re.search(message, err), err
     assert not (tmp_path / "a.json").exists()
 
 
 @pytest.mark.slow
 def test_cli_refuses_to_overwrite_and_needs_one_budget(tmp_path, checkpoint, capsys):
-    tool = _load_tool()
     existing = tmp_path / "a.json"
     existing.write_text("{}")
-    assert tool.main(["--load", str(checkpoint), "--output", str(existing),
-                      "--expert-flops-budget-ratio", "1"]) == 2
-    assert "--output" in capsys.readouterr().err and existing.read_text() == "{}"
+    err = usage_error(tool_main, ["--load", str(checkpoint), "--output", str(existing),
+                                  "--expert-flops-budget-ratio", "1"], capsys)
+    assert "--output" in err and existing.read_text() == "{}"
     for flags in ([], ["--expert-flops-budget-ratio", "1", "--expert-flops-budget", "1e6"]):
-        with pytest.raises(SystemExit) as exit_info:  # argparse: exactly one of the two
-            tool.main(["--load", str(checkpoint), "--output", str(tmp_path / "b.json"), *flags])
-        assert exit_info.value.code == 2
-        assert "--expert-flops-budget" in capsys.readouterr().err
-    assert tool.main(["--load", str(tmp_path), "--output", str(tmp_path / "b.json"),
-                      "--expert-flops-budget-ratio", "1"]) == 2
-    assert "--load" in capsys.readouterr().err
+        # argparse: exactly one of the two
+        err = usage_error(tool_main, ["--load", str(checkpoint), "--output", str(tmp_path / "b.json"),
+                                      *flags], capsys)
+        assert "--expert-flops-budget" in err
+    err = usage_error(tool_main, ["--load", str(tmp_path), "--output", str(tmp_path / "b.json"),
+                                  "--expert-flops-budget-ratio", "1"], capsys)
+    assert "--load" in err

@@ -83,8 +83,8 @@ def test_train_step_quick(tmp_path):
     assert 0 < count["active_matmul_params"] < count["total_params"]
     assert count["flops_per_token"] > 6 * count["active_matmul_params"]
 
-    # The docs' tables come from report.py; the other two results are missing in this folder.
-    report = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"),
+    # The docs' tables come from tables.py; the other two results are missing in this folder.
+    report = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tables.py"),
                              "--results", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert report.returncode == 0, report.stderr
     assert "| fp32 | emoe |" in report.stdout and "router_overhead.json missing" in report.stdout

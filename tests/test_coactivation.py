@@ -323,19 +323,19 @@ def _training_collection(rank, out_dir):
     batch = builders.gpt_batch(batch_size=2, seed=0)
     num_tokens = 2 * builders.SEQ
     saves = []
-    save = coactivation.writing_at_saves(lambda iteration, *a, **kw: saves.append(iteration))
 
-    def train_steps(first, last):
+    def train_steps(collector, first, last):
         for iteration in range(first, last):
             model.train()
-            coactivation.observe_training(model, iteration)  # as the forward step does
+            collector.observe(model, iteration)  # as the training forward step does
             _train_forward(model, *batch)
 
-    coactivation.start_training_collection(out_dir)
-    train_steps(0, 2)
+    collector = coactivation.TrainingCollector(out_dir)
+    save = coactivation.writing_at_saves(lambda iteration, *a, **kw: saves.append(iteration), collector)
+    train_steps(collector, 0, 2)
     save(2, [model], None)
-    train_steps(2, 3)
-    total = coactivation.finish_training_collection()
+    train_steps(collector, 2, 3)
+    total = collector.finish()
     assert saves == [2]
     assert total.tokens == {1: 3 * num_tokens, 2: 3 * num_tokens}
     assert total.meta["iteration_start"] == 0 and total.meta["iteration_end"] == 3
@@ -345,12 +345,11 @@ def _training_collection(rank, out_dir):
     assert last.tokens[1] == num_tokens
 
     # A run resumed at iteration 3 continues the total; after finishing, nothing is hooked.
-    coactivation.start_training_collection(out_dir)
-    train_steps(3, 4)
-    total = coactivation.finish_training_collection()
+    collector = coactivation.TrainingCollector(out_dir)
+    train_steps(collector, 3, 4)
+    total = collector.finish()
     assert total.tokens[1] == 4 * num_tokens and total.meta["iteration_start"] == 0
     assert coactivation.load(os.path.join(out_dir, "train.npz")).tokens[1] == 4 * num_tokens
-    coactivation.observe_training(model, 4)  # no collection active: a no-op
     assert all(not r._forward_hooks for r in elastic_routers(model))
 
     # Eval at budgets through `recording` (as the budget sweep does), then the distance table.

@@ -15,7 +15,7 @@ from megatron.core.transformer import TransformerConfig
 import builders
 from megatron_emoe import cpu
 from distributed import run_distributed_test
-from megatron_emoe.launch import SEED
+from megatron_emoe.runtime.launch import SEED
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="tests the CPU path; cpu.enable() is a no-op with CUDA"

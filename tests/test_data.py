@@ -8,10 +8,13 @@ tokens [s*L, s*L + L] of the concatenation of the documents in `document_index` 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+import re
 
 import numpy
 import pytest
@@ -69,12 +72,21 @@ def megatron_build_tokenizer(path: str):
 
 
 def preprocess_cli():
-    """`main` of tools/preprocess_data.py (tools/ is not a package)."""
-    path = Path(__file__).resolve().parents[1] / "tools" / "preprocess_data.py"
-    spec = importlib.util.spec_from_file_location("preprocess_data_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """`main` of the `emoe-preprocess-data` console script."""
+    from megatron_emoe.cli.preprocess_data import main
+
+    return main
+
+
+def cli_error(capsys, main, argv) -> str:
+    """The one stderr line of a CLI run that must exit with status 2 (`prog: error: ...`)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 def encode(hf, text: str) -> list[int]:
@@ -414,7 +426,7 @@ def test_sft_errors(tmp_path, tokenizer_dir):
         (["--input", "{tmp}/a.txt", "--sft"], r"--sft needs JSONL or Parquet"),
     ],
 )
-def test_cli_rejects_bad_input(tmp_path, tokenizer_dir, argv, message):
+def test_cli_rejects_bad_input(tmp_path, tokenizer_dir, capsys, argv, message):
     main = preprocess_cli()
 
     write_jsonl(tmp_path / "a.jsonl", [{"text": "hello"}])
@@ -424,35 +436,37 @@ def test_cli_rejects_bad_input(tmp_path, tokenizer_dir, argv, message):
     if "--tokenizer-model" not in argv:
         argv += ["--tokenizer-model", tokenizer_dir]
     argv += ["--output-prefix", str(tmp_path / "out" / "x"), "--no-progress"]
-    with pytest.raises(SystemExit, match=message):
-        main(argv)
+    line = cli_error(capsys, main, argv)
+    assert line.startswith("emoe-preprocess-data: error: ") and re.search(message, line), line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_cli_input_format_choices(tmp_path, tokenizer_dir, capsys):
     main = preprocess_cli()
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--input", "x", "--input-format", "csv", "--output-prefix", "y", "--tokenizer-model", tokenizer_dir])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--input-format: invalid choice: 'csv'" in err and "jsonl" in err and "parquet" in err
 
 
-def test_existing_output_is_refused_and_left_untouched(tmp_path, tokenizer_dir, hf):
+def test_existing_output_is_refused_and_left_untouched(tmp_path, tokenizer_dir, hf, capsys):
     main = preprocess_cli()
 
     first = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS])
     second = write_jsonl(tmp_path / "b.jsonl", [{"text": "something else entirely"}])
     argv = ["--output-prefix", str(tmp_path / "out"), "--tokenizer-model", tokenizer_dir, "--no-progress"]
-    main(["--input", first, *argv])
+    assert main(["--input", first, *argv]) == 0  # an exit status, for the console script
+    assert json.loads(capsys.readouterr().out)["num_documents"] == len(TEXTS)
     outputs = sorted(p for p in tmp_path.iterdir() if p.name.startswith("out"))
     assert [p.name for p in outputs] == ["out.json", "out_text_document.bin", "out_text_document.idx"]
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs}
-    with pytest.raises(SystemExit, match=r"output already exists: .*out_text_document.bin.*pass --overwrite"):
-        main(["--input", second, *argv])
+    line = cli_error(capsys, main, ["--input", second, *argv])
+    assert re.fullmatch(r"emoe-preprocess-data: error: output already exists: .*out_text_document.bin.*pass --overwrite", line)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs} == before
     (tmp_path / "out_text_document" / "cache").mkdir(parents=True)  # Megatron's index cache
-    main(["--input", second, *argv, "--overwrite"])
+    assert main(["--input", second, *argv, "--overwrite"]) == 0
     assert documents(str(tmp_path / "out_text_document")) == [encode(hf, "something else entirely") + [hf.eos_token_id]]
     assert not (tmp_path / "out_text_document" / "cache").exists()  # stale indices dropped
     assert not list(tmp_path.glob("*.tmp-*"))
@@ -475,6 +489,146 @@ def test_interrupted_write_leaves_nothing_under_final_names(tmp_path, tokenizer_
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, tokenizer_dir, [path], sft=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad lines and records lacking a key: named by file and line, exit status 2, or counted.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"text": "a"}\n\n{"text": oops}\n{"text": "b"}\n', r"line 3 is not valid JSON \(Expecting value at column 10\)"),
+        (b'{"text": "a"}\n{"text": "b"}\n["not", "an", "object"]\n', r"line 3 is a JSON array, not an object"),
+        (b'{"text": "a"}\n{"text": "caf\xe9"}\n', r"is not UTF-8 text: line 2, byte offset 24 is b'\\xe9'"),
+    ],
+    ids=["bad-json", "not-an-object", "not-utf8"],
+)
+def test_cli_names_the_file_and_line_of_bad_jsonl(tmp_path, tokenizer_dir, capsys, content, message):
+    (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    argv = ["--input", str(tmp_path / "good.jsonl"), str(bad), "--output-prefix", str(tmp_path / "out"),
+            "--tokenizer-model", tokenizer_dir, "--no-progress"]
+    line = cli_error(capsys, preprocess_cli(), argv)
+    assert line.startswith(f"emoe-preprocess-data: error: --input: {bad} ") and re.search(message, line), line
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_non_utf8_text_and_compressed_jsonl_are_named(tmp_path, tokenizer_dir):
+    import gzip
+
+    from megatron_emoe.errors import UsageError
+
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("first line\nsecond: café\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=rf"--input: {re.escape(str(text))} is not UTF-8 text: line 2, byte offset 19"):
+        run(tmp_path, tokenizer_dir, [text])
+    packed = tmp_path / "a.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"text": "a"}\n{"text": \n'))
+    with pytest.raises(UsageError, match=rf"--input: {re.escape(str(packed))} line 2 is not valid JSON"):
+        run(tmp_path, tokenizer_dir, [packed])
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_records_lacking_a_key_are_counted(tmp_path, tokenizer_dir, hf, capsys):
+    rows = [{"text": "one", "title": "t1"}, {"title": "no text"}, {"text": None, "title": "null text"},
+            {"text": "", "title": "empty text"}, {"text": "two"}]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    argv = ["--input", path, "--json-keys", "text", "title", "--output-prefix", str(tmp_path / "out"),
+            "--tokenizer-model", tokenizer_dir, "--no-progress"]
+    assert preprocess_cli()(argv) == 0
+    captured = capsys.readouterr()
+    sidecar = json.loads(captured.out)
+    assert sidecar["num_records"] == 5
+    assert sidecar["datasets"]["text"]["skipped_missing"] == 2  # absent, null
+    assert sidecar["datasets"]["text"]["skipped_empty"] == 1  # "" is empty, not missing
+    assert sidecar["datasets"]["title"]["skipped_missing"] == 1
+    assert sidecar["datasets"]["title"]["skipped_empty"] == 0
+    assert json.loads((tmp_path / "out.json").read_text()) == sidecar
+    eod = hf.eos_token_id
+    assert documents(str(tmp_path / "out_text_document")) == [encode(hf, "one") + [eod], encode(hf, "two") + [eod]]
+    assert captured.err.strip().splitlines() == [
+        "emoe-preprocess-data: warning: 2 of 5 records lack --json-keys 'text'; 1 of 5 records lack "
+        "--json-keys 'title' (absent or null) and were skipped; --strict refuses them"
+    ]
+
+    # SFT: a record without its response is skipped (not rendered as an empty answer) and counted.
+    chats = write_jsonl(tmp_path / "c.jsonl", [{"query": "q1", "response": "r1"}, {"query": "q2"},
+                                                {"query": "q3", "response": None}])
+    prefix, side = run(tmp_path, tokenizer_dir, [chats], "sft", sft=True)
+    assert side["datasets"]["text"]["skipped_missing"] == 2
+    assert side["datasets"]["text"]["conversation"] == "prompt=query, response=response"
+    check_sft_docs(hf, prefix, [[("user", "q1"), ("assistant", "r1")]])
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_strict_refuses_records_lacking_a_key(tmp_path, tokenizer_dir, capsys, fmt):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": "a", "id": 0}, {"id": 1}, {"text": "b", "id": 2}, {"text": None, "id": 3}]
+    if fmt == "jsonl":
+        path, where = write_jsonl(tmp_path / "a.jsonl", rows), "line 2, line 4"
+    else:
+        path, where = str(tmp_path / "a.parquet"), "row 1, row 3"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    clean = write_jsonl(tmp_path / "clean.jsonl", [{"text": "c"}]) if fmt == "jsonl" else None
+    inputs = [path] + ([clean] if clean else [])
+    argv = ["--input", *inputs, "--strict", "--output-prefix", str(tmp_path / "out"),
+            "--tokenizer-model", tokenizer_dir, "--no-progress"]
+    line = cli_error(capsys, preprocess_cli(), argv)
+    total = 5 if clean else 4
+    assert line == (
+        f"emoe-preprocess-data: error: --strict: 2 of {total} records lack --json-keys 'text' (absent or null) "
+        f"in {path}: 2 ({where}); fix the input, or drop --strict to skip (and count) them"
+    )
+    assert not list(tmp_path.glob("out*"))
+
+    chats = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "x"},
+                                                             {"role": "assistant", "content": "y"}]},
+                                               {"messages": None}])
+    with pytest.raises(ValueError, match=r"--strict: 1 of 2 records lack the messages column 'messages' .* line 2"):
+        run(tmp_path, tokenizer_dir, [chats], sft=True, strict=True)
+
+
+def test_console_script_reports_bad_input_in_one_line(tmp_path, tokenizer_dir):
+    """The installed `emoe-preprocess-data`: exit status 2, exactly one line on stderr naming file and line."""
+    script = Path(sys.executable).with_name("emoe-preprocess-data")
+    assert script.is_file(), f"{script} is not installed; run `pip install -e .`"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b"\n')
+    result = subprocess.run(
+        [str(script), "--input", str(bad), "--output-prefix", str(tmp_path / "out"),
+         "--tokenizer-model", tokenizer_dir, "--no-progress"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        f"emoe-preprocess-data: error: --input: {bad} line 2 is not valid JSON "
+        "(Expecting ',' delimiter at column 14); JSON Lines hold one JSON object per line"
+    ]
+    assert result.stdout == "" and not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--corpus-bytes", "0"], r"--corpus-bytes must be >= 1; got 0"),
+        (["--vocab-size", "10"], r"--vocab-size must be >= \d+ .*; got 10"),
+        (["--output-dir", "{tmp}/mine"], r"--output-dir: .*mine is not empty and holds no default-data manifest"),
+    ],
+)
+def test_build_default_data_cli_rejects_bad_flags(tmp_path, capsys, argv, message):
+    from megatron_emoe.cli.build_default_data import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--output-dir" not in argv:
+        argv += ["--output-dir", str(tmp_path / "data")]
+    line = cli_error(capsys, main, [*argv, "--no-progress"])
+    assert line.startswith("emoe-build-default-data: error: ") and re.search(message, line), line
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""tools/elastic_eval.py on a tiny EMoE checkpoint trained by the real training entry (EP = 2).
+"""emoe-elastic-eval on a tiny EMoE checkpoint trained by the real training entry (EP = 2).
 
 The checkpoint's training run evaluates once, at its last iteration, so the training loop's
 validation loss covers exactly the batches the tool evaluates by default (the first `--eval-iters`
@@ -14,9 +14,10 @@ import sys
 
 import pytest
 
-from training_runs import REPO, TINY_MODEL, environment, run_training
+from megatron_emoe.cli.elastic_eval import main as tool_main
+from tests.training_runs import REPO, TINY_MODEL, console_script, environment, run_training, usage_error
 
-TOOL = REPO / "tools" / "elastic_eval.py"
+TOOL = console_script("emoe-elastic-eval")
 ITERS = 4
 VALIDATION = re.compile(rf"validation loss at iteration {ITERS} \|.*?lm loss value: ([0-9.E+-]+)")
 
@@ -48,7 +49,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _tool(*flags, timeout=300):
-    return subprocess.run([sys.executable, str(TOOL), *flags], cwd=REPO, env=environment(),
+    return subprocess.run([TOOL, *flags], cwd=REPO, env=environment(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -116,20 +117,10 @@ def test_loss_at_training_k_equals_training_loop_validation_at_both_layouts(chec
 )
 def test_bad_flags_exit_2_before_building_anything(checkpoint, tmp_path, capsys, flags, message):
     ckpt, _ = checkpoint
-    with pytest.raises(SystemExit) as exit_info:  # in-process: the checks run before any rank
-        _tool_module().main(["--load", str(ckpt), "--output", str(tmp_path / "out"), *flags])
-    assert exit_info.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
+    # in-process: the checks run before any rank
+    err = usage_error(tool_main, ["--load", str(ckpt), "--output", str(tmp_path / "out"), *flags], capsys)
+    assert re.search(message, err)
     assert not (tmp_path / "out").exists()
-
-
-def _tool_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("elastic_eval_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_missing_checkpoint_and_existing_output_are_refused(checkpoint, tmp_path):

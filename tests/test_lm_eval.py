@@ -1,5 +1,5 @@
 """lm-eval on megatron-emoe checkpoints: the shipped offline task, the adapter's scores against the
-model's own logits at two budgets, `simple_evaluate`, and the CLI (tools/lm_eval_emoe.py).
+model's own logits at two budgets, `simple_evaluate`, and the CLI (emoe-lm-eval).
 
 The checkpoint is a tiny EMoE model (2 MoE layers, 4 experts, k = 2) trained for 3 steps by the
 real training entry on a small default-data build; tolerances are fp32 (1e-5 on summed log-probs).
@@ -19,7 +19,8 @@ from megatron_emoe.evaluation.lm_eval_adapter import (
     task_manager,
     unknown_tasks,
 )
-from tools.lm_eval_emoe import main as cli_main
+from megatron_emoe.cli.lm_eval_emoe import main as cli_main
+from tests.training_runs import usage_error
 
 TOLERANCE = 1e-5
 SEQ = 64  # the tiny model's seq_length
@@ -53,10 +54,9 @@ def checkpoint(tmp_path_factory):
 
 def refused(argv, capsys) -> str:
     """The one stderr line of a CLI run that must exit with status 2."""
-    assert cli_main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines and lines[-1].startswith("lm_eval_emoe.py: error: ")
-    return lines[-1]
+    line = usage_error(cli_main, argv, capsys)
+    assert line.startswith("emoe-lm-eval: error: ")
+    return line.rstrip("\n")
 
 
 # ---------------------------------------------------------------------- no model ----------
@@ -176,7 +176,7 @@ def _adapter_matches_logits(rank, load):
 
 @pytest.mark.slow
 def test_adapter_scores_equal_the_model_logits_at_two_budgets(checkpoint):
-    from megatron_emoe.launch import run_gloo
+    from megatron_emoe.runtime.launch import run_gloo
 
     run_gloo(_adapter_matches_logits, world_size=1, args=(checkpoint,), timeout=600)
 

@@ -108,7 +108,7 @@ def parse():
     pytest.importorskip("megatron.training")
     import torch
 
-    from megatron_emoe.training.arguments import parse_training_args
+    from megatron_emoe.runtime.arguments import parse_training_args
 
     def run(argv: list[str], world_size: int):
         saved_env = dict(os.environ)
@@ -196,7 +196,7 @@ def test_pretrain_dry_run(tmp_path, parse):
     # The model config the entry will build accepts the elastic-routing flags.
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from megatron_emoe.arguments import elastic_config_from_args
+    from megatron_emoe.config import elastic_config_from_args
 
     for name, value in dict(
         transformer_impl="local", apply_rope_fusion=False, moe_permute_fusion=False

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_emoe.training import checkpoints
+from megatron_emoe.runtime import checkpoints
+from megatron_emoe.training import saving
 from tests.training_runs import REPO, TINY_MODEL, environment, run_training, training_command
 
 
@@ -52,7 +53,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 
 def test_staged_save_publishes_and_updates_tracker(megatron_args):
-    checkpoints.staged(_fake_megatron_save(fail=False))(5)
+    saving.staged(_fake_megatron_save(fail=False))(5)
     ckpt = Path(megatron_args.save)
     assert _snapshot(ckpt) == {
         "iter_0000005/metadata.json": "{}",
@@ -64,24 +65,24 @@ def test_staged_save_publishes_and_updates_tracker(megatron_args):
 
 @pytest.mark.parametrize("same_iteration", [False, True])
 def test_failed_save_leaves_previous_checkpoint_intact(megatron_args, same_iteration):
-    checkpoints.staged(_fake_megatron_save(fail=False))(5)
+    saving.staged(_fake_megatron_save(fail=False))(5)
     before = _snapshot(Path(megatron_args.save))
     with pytest.raises(OSError, match="disk full"):
-        checkpoints.staged(_fake_megatron_save(fail=True))(5 if same_iteration else 10)
+        saving.staged(_fake_megatron_save(fail=True))(5 if same_iteration else 10)
     after = {k: v for k, v in _snapshot(Path(megatron_args.save)).items() if not k.startswith(".staging-")}
     assert after == before
     assert checkpoints.latest_iteration(megatron_args.save) == 5
     # The next save clears the failed attempt's staging folder and succeeds.
-    checkpoints.staged(_fake_megatron_save(fail=False))(10)
+    saving.staged(_fake_megatron_save(fail=False))(10)
     assert checkpoints.latest_iteration(megatron_args.save) == 10
     assert not [p for p in Path(megatron_args.save).iterdir() if p.name.startswith(".staging-")]
 
 
 def test_resaving_an_iteration_swaps_the_folder(megatron_args):
-    checkpoints.staged(_fake_megatron_save(fail=False))(5)
+    saving.staged(_fake_megatron_save(fail=False))(5)
     folder = Path(megatron_args.save) / "iter_0000005"
     (folder / "stale_file").write_text("from the first save")
-    checkpoints.staged(_fake_megatron_save(fail=False))(5)
+    saving.staged(_fake_megatron_save(fail=False))(5)
     assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "shard_0.distcp"]
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
+
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "examples" / "pretrain_gpt_emoe.py"
@@ -62,3 +65,19 @@ def tags(tensorboard_dir: Path) -> list[str]:
     events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
     events.Reload()
     return events.Tags()["scalars"]
+
+
+def console_script(name: str) -> str:
+    """An installed console script (`make install` puts them next to this interpreter)."""
+    return str(Path(sys.executable).with_name(name))
+
+
+def usage_error(main, argv, capsys) -> str:
+    """Call a console script's `main(argv)`, which must refuse the input: exit status 2 and one
+    line on stderr (returned)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err

@@ -13,10 +13,16 @@ import shutil
 import tempfile
 
 import yaml
+from tqdm import tqdm
+from transformers import AutoConfig
 
-from megatron_emoe.conversion import hf_files
-from megatron_emoe.conversion.families import ConversionError, Family, family_for
-from megatron_emoe.training.checkpoints import HF_SUBDIR  # source config + tokenizer, kept alongside
+from megatron_emoe.conversion import hf_files, megatron_side
+from megatron_emoe.conversion.families import FAMILIES, ConversionError, Family, family_for
+from megatron_emoe.runtime import checkpoints
+from megatron_emoe.runtime.arguments import flags_argv
+from megatron_emoe.runtime.checkpoints import HF_SUBDIR, args_from_checkpoint
+from megatron_emoe.runtime.launch import run_gloo
+from megatron_emoe.runtime.model import build_args, build_model, load, megatron_globals
 
 MODEL_FLAGS = "model.yaml"  # the Megatron flags of the model, for `--config`
 MAKE_VOCAB_DIVISIBLE_BY = 128  # Megatron's default --make-vocab-size-divisible-by
@@ -108,8 +114,6 @@ def check_hf_tensors(reader, expected: set[str], folder: str, ignored=lambda nam
 
 
 def load_hf_config(folder: str, flag: str):
-    from transformers import AutoConfig
-
     if not os.path.isdir(folder):
         raise ConversionError(f"{flag} {folder}: no such folder")
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -155,9 +159,6 @@ def _staged(output: str, build) -> None:
 # ---------------------------------------------------------------------- HF -> Megatron -----
 def hf_to_megatron(settings: HFToMegatron) -> None:
     """Write the HF model in `settings.hf_path` as a Megatron release checkpoint in `output`."""
-    from megatron_emoe.launch import run_gloo
-    from megatron_emoe.training.arguments import flags_argv
-
     settings.validate()
     config = load_hf_config(settings.hf_path, "--hf-path")
     family = family_for(config)
@@ -188,18 +189,13 @@ def hf_to_megatron(settings: HFToMegatron) -> None:
 
 
 def _hf_to_megatron_rank(rank: int, argv, vocab: int, hf_path: str, family_name: str) -> None:
-    from tqdm import tqdm
-
-    from megatron_emoe.conversion import megatron_side
-    from megatron_emoe.conversion.families import FAMILIES
-
     config = load_hf_config(hf_path, "--hf-path")
     rules = {rule.megatron: rule for rule in FAMILIES[config.model_type].rules(config, vocab)}
-    args = megatron_side.build_args(argv)
+    args = build_args(argv)
     args.padded_vocab_size = vocab
     reader = hf_files.SafetensorsReader(hf_path)
-    with megatron_side.megatron_globals(args):
-        model = megatron_side.build_model(args)
+    with megatron_globals(args):
+        model = build_model(args)
         count = len(megatron_side.weights(model))
         with tqdm(total=count, desc=f"{family_name} -> megatron (rank {rank})", disable=rank != 0) as bar:
             megatron_side.fill_from_hf(model, rules, reader, args.swiglu, progress=bar)
@@ -221,8 +217,6 @@ def _write_model_flags(staging: str, output: str, flags: dict, tokenizer: bool) 
 # ---------------------------------------------------------------------- Megatron -> HF -----
 def megatron_to_hf(settings: MegatronToHF) -> None:
     """Write the Megatron checkpoint in `settings.load` as an HF folder in `settings.output`."""
-    from megatron_emoe.launch import run_gloo
-
     settings.validate()
     saved = saved_args(settings.load)
     config_dir = settings.hf_config or os.path.join(settings.load, HF_SUBDIR)
@@ -259,16 +253,11 @@ def megatron_to_hf(settings: MegatronToHF) -> None:
 
 
 def _megatron_to_hf_rank(rank: int, saved, load: str, config, staging: str, shard_bytes: int) -> None:
-    from tqdm import tqdm
-
-    from megatron_emoe.conversion import megatron_side
-    from megatron_emoe.conversion.families import FAMILIES
-
-    args = megatron_side.args_from_checkpoint(saved, load)
+    args = args_from_checkpoint(saved, load)
     rules = FAMILIES[config.model_type].rules(config, args.padded_vocab_size)
-    with megatron_side.megatron_globals(args):
-        model = megatron_side.build_model(args)
-        megatron_side.load(model)
+    with megatron_globals(args):
+        model = build_model(args)
+        load(model)
         state = megatron_side.weights(model)
         unmapped = set(state) - {rule.megatron for rule in rules}
         if unmapped:
@@ -282,8 +271,6 @@ def _megatron_to_hf_rank(rank: int, saved, load: str, config, staging: str, shar
 
 def saved_args(load: str):
     """The flags saved with the checkpoint in `load`, or a `ConversionError` saying what is missing."""
-    from megatron_emoe.training import checkpoints
-
     if not os.path.isdir(load):
         raise ConversionError(f"--load {load}: no such folder")
     name = checkpoints.latest_checkpoint_name(load)

@@ -7,8 +7,10 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_emoe.errors import UsageError
 
-class ConversionError(ValueError):
+
+class ConversionError(UsageError):
     """Input the converter refuses: unsupported architecture, bad layout, missing tensors."""
 
 

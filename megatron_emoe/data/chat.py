@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megatron_emoe.data.tokenizer import encode
+from megatron_emoe.errors import UsageError
 
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
@@ -62,7 +63,7 @@ def detect_fields(
 
     def need(key, flag):
         if key not in columns:
-            raise ValueError(f"{flag}: column {key!r} is not in the data (columns: {', '.join(columns)})")
+            raise UsageError(f"{flag}: column {key!r} is not in the data (columns: {', '.join(columns)})")
         return key
 
     if system_key is not None:
@@ -70,7 +71,7 @@ def detect_fields(
     if messages_key is not None:
         return ConversationFields(messages=need(messages_key, "--messages-key"))
     if (prompt_key is None) != (response_key is None):
-        raise ValueError("--prompt-key and --response-key go together; give both or neither")
+        raise UsageError("--prompt-key and --response-key go together; give both or neither")
     system = system_key or next((k for k in SYSTEM_KEYS if k in columns), None)
     if prompt_key is not None:
         return ConversationFields(
@@ -85,17 +86,22 @@ def detect_fields(
             extra = INPUT_KEY if prompt == "instruction" and INPUT_KEY in columns else None
             return ConversationFields(prompt=prompt, response=response, system=system, input=extra)
     known = ", ".join(MESSAGE_KEYS) + "; or pairs " + ", ".join(f"{p}/{r}" for p, r in PAIR_KEYS)
-    raise ValueError(
+    raise UsageError(
         f"--sft: cannot find the conversation in columns {', '.join(columns)} (known: {known}); "
         "name them with --messages-key, or --prompt-key and --response-key"
     )
 
 
 def record_turns(record: dict, fields: ConversationFields) -> list[tuple[str, str]]:
-    """[(role, content)] of one record, roles in system/user/assistant; turns after the last answer dropped."""
+    """[(role, content)] of one record, roles in system/user/assistant; turns after the last answer dropped.
+
+    A record whose messages, prompt or response is absent or null has no turns.
+    """
     if fields.messages:
         turns = [_message_turn(m) for m in record[fields.messages] or []]
     else:
+        if record.get(fields.prompt) is None or record.get(fields.response) is None:
+            return []  # lacks the prompt or the response: no conversation (skipped, counted as missing)
         prompt = _text(record[fields.prompt])
         if fields.input and _text(record.get(fields.input)):
             prompt = f"{prompt}\n\n{_text(record[fields.input])}"
@@ -147,11 +153,11 @@ def render_batch(
 
 def _message_turn(message) -> tuple[str, str]:
     if not isinstance(message, dict):
-        raise ValueError(f"--sft: a message must be a mapping with role/content, got {message!r:.80}")
+        raise UsageError(f"--sft: a message must be a mapping with role/content, got {message!r:.80}")
     role = message.get("role", message.get("from"))
     content = message.get("content", message.get("value"))
     if role not in ROLE_ALIASES:
-        raise ValueError(
+        raise UsageError(
             f"--sft: message role {role!r} is not one of system, user, assistant "
             "(or ShareGPT's human, gpt)"
         )
@@ -162,5 +168,5 @@ def _text(value) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"--sft: expected text in a conversation field, got {type(value).__name__}")
+        raise UsageError(f"--sft: expected text in a conversation field, got {type(value).__name__}")
     return value

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from megatron_emoe.data import default_corpus
 from megatron_emoe.data.sidecar import write_json_atomic
+from megatron_emoe.errors import UsageError
 
 BUILDER = "megatron-emoe default data"
 VERSION = 1  # bump whenever the builder would write different bytes for the same inputs
@@ -87,14 +88,14 @@ def build_default_data(
 ) -> dict[str, str]:
     """Build the default data into `output_dir` (cached: skipped when current unless `overwrite`)."""
     if corpus_bytes < 1:
-        raise ValueError(f"--corpus-bytes must be >= 1; got {corpus_bytes}")
+        raise UsageError(f"--corpus-bytes must be >= 1; got {corpus_bytes}")
     from megatron_emoe.data.bpe import MIN_VOCAB_SIZE
 
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + 5 special tokens); got {vocab_size}")
+        raise UsageError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + 5 special tokens); got {vocab_size}")
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
-        raise ValueError(f"--workers must be >= 1; got {workers}")
+        raise UsageError(f"--workers must be >= 1; got {workers}")
     out = Path(output_dir) if output_dir is not None else default_output_dir()
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,7 @@ def build_default_data(
         inputs = build_inputs(corpus_bytes, vocab_size)
         current = _read_manifest(out)
         if current is None and out.exists() and any(out.iterdir()):
-            raise ValueError(
+            raise UsageError(
                 f"--output-dir: {out} is not empty and holds no default-data manifest.json; "
                 "choose a new or empty folder"
             )

@@ -3,12 +3,18 @@
 Writes `<output-prefix>_<key>_document.bin/.idx` (GPTDataset reads them), for SFT also
 `<output-prefix>_<key>_document_lossmask.bin/.idx` (uint8, same document lengths), and the
 sidecar `<output-prefix>.json`. Everything is staged under temporary names and renamed at the end.
+
+Bad input (flags, files, lines) raises `megatron_emoe.errors.UsageError` before any output is
+written. Records lacking a needed key (absent or null) are skipped and counted in the sidecar
+(`skipped_missing`), or refused with `strict`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy
@@ -23,9 +29,11 @@ from megatron_emoe.data.indexed import (
 )
 from megatron_emoe.data.inputs import (
     TEXT_SAMPLE_BY,
+    check_inputs,
     detect_format,
     load_records,
     peek_columns,
+    records_lacking,
     resolve_inputs,
 )
 from megatron_emoe.data.sidecar import portable_path, write_json_atomic
@@ -36,11 +44,12 @@ from megatron_emoe.data.tokenizer import (
     load_tokenizer,
     special_token_ids,
 )
+from megatron_emoe.errors import UsageError
 
 
 @dataclass
 class PreprocessConfig:
-    """What to read, how to tokenize, where to write; one field per flag of tools/preprocess_data.py."""
+    """What to read, how to tokenize, where to write; one field per flag of `emoe-preprocess-data`."""
 
     inputs: list[str]
     output_prefix: str
@@ -58,6 +67,7 @@ class PreprocessConfig:
     batch_size: int = 1000
     overwrite: bool = False
     progress: bool = True
+    strict: bool = False  # refuse records lacking a needed key instead of skipping (and counting) them
 
 
 @dataclass
@@ -69,11 +79,17 @@ class _Plan:
     tokenizer_dir: str
     vocab_size: int
     eod: int
-    dtype: type
     prefixes: dict[str, str]
     outputs: list[str]
     sidecar: str
     special: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> type:
+        """Token dtype of the .bin files (Megatron imported only here: bad input is refused without it)."""
+        from megatron.core.datasets.indexed_dataset import DType
+
+        return DType.optimal_dtype(self.vocab_size)
 
 
 def output_paths(config: PreprocessConfig) -> list[str]:
@@ -88,54 +104,57 @@ def output_paths(config: PreprocessConfig) -> list[str]:
 
 
 def plan(config: PreprocessConfig) -> _Plan:
-    """Check every flag and the tokenizer before any work; raise ValueError naming the flag."""
-    from megatron.core.datasets.indexed_dataset import DType
-
+    """Check every flag, the tokenizer and the input files before any work; raise UsageError naming them."""
     if not config.output_prefix or config.output_prefix.endswith(os.sep):
-        raise ValueError(f"--output-prefix must name files, e.g. data/corpus; got {config.output_prefix!r}")
+        raise UsageError(f"--output-prefix must name files, e.g. data/corpus; got {config.output_prefix!r}")
     keys = list(config.json_keys)
     if not keys or len(set(keys)) != len(keys) or not all(keys):
-        raise ValueError(f"--json-keys must be distinct non-empty names; got {keys}")
+        raise UsageError(f"--json-keys must be distinct non-empty names; got {keys}")
     if config.sft and len(keys) != 1:
-        raise ValueError(f"--json-keys: --sft writes one dataset, give one name (got {keys})")
+        raise UsageError(f"--json-keys: --sft writes one dataset, give one name (got {keys})")
     if config.sft and not config.append_eod:
-        raise ValueError("--no-append-eod: --sft always closes each response with the EOD token")
+        raise UsageError("--no-append-eod: --sft always closes each response with the EOD token")
     if config.workers < 1:
-        raise ValueError(f"--workers must be >= 1; got {config.workers}")
+        raise UsageError(f"--workers must be >= 1; got {config.workers}")
     if config.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1; got {config.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1; got {config.batch_size}")
     if config.text_sample_by not in TEXT_SAMPLE_BY:
-        raise ValueError(
+        raise UsageError(
             f"--text-sample-by must be one of {', '.join(TEXT_SAMPLE_BY)}; got {config.text_sample_by!r}"
         )
     files = [f for f in resolve_inputs(config.inputs) if os.path.getsize(f) > 0]
     if not files:
-        raise ValueError(f"--input: every input file is empty ({', '.join(config.inputs)})")
+        raise UsageError(f"--input: every input file is empty ({', '.join(config.inputs)})")
     fmt = detect_format(files, config.input_format)
     if fmt == "text" and keys != ["text"] and not config.sft:
-        raise ValueError(f"--json-keys: text input has one field, 'text'; got {keys}")
+        raise UsageError(f"--json-keys: text input has one field, 'text'; got {keys}")
     if fmt == "text" and config.sft:
-        raise ValueError("--sft needs JSONL or Parquet records (messages or prompt/response), not text")
+        raise UsageError("--sft needs JSONL or Parquet records (messages or prompt/response), not text")
     columns = peek_columns(files, fmt)
     if columns is not None:
         check_columns(columns, config)
     outputs = output_paths(config)
-    refuse_existing(outputs, config.overwrite)
-
-    tokenizer_dir = check_tokenizer_dir(config.tokenizer_model)
+    with _usage_errors():  # these helpers raise ValueErrors that name the flag
+        refuse_existing(outputs, config.overwrite)
+        tokenizer_dir = check_tokenizer_dir(config.tokenizer_model)
     tokenizer = load_tokenizer(tokenizer_dir)
+    with _usage_errors():
+        special = special_token_ids(tokenizer, [chat.USER, chat.ASSISTANT]) if config.sft else {}
+        eod = eod_id(tokenizer)
     vocab_size = len(tokenizer)
-    special = special_token_ids(tokenizer, [chat.USER, chat.ASSISTANT]) if config.sft else {}
+    check_inputs(files, fmt, progress=config.progress)  # the one full pass; last, after the cheap checks
     return _Plan(
-        files=files, fmt=fmt, tokenizer_dir=tokenizer_dir, vocab_size=vocab_size,
-        eod=eod_id(tokenizer), dtype=DType.optimal_dtype(vocab_size),
+        files=files, fmt=fmt, tokenizer_dir=tokenizer_dir, vocab_size=vocab_size, eod=eod,
         prefixes={k: dataset_prefix(config.output_prefix, k) for k in keys},
         outputs=outputs, sidecar=config.output_prefix + ".json", special=special,
     )
 
 
 def preprocess(config: PreprocessConfig) -> dict:
-    """Run the preprocessing; returns the sidecar's contents (counts per dataset)."""
+    """Run the preprocessing; returns the sidecar's contents (counts per dataset).
+
+    Raises `UsageError` for bad flags or input, and (`strict`) for records lacking a needed key.
+    """
     import datasets
 
     run = plan(config)
@@ -146,11 +165,22 @@ def preprocess(config: PreprocessConfig) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="emoe-preprocess-") as cache_dir:
             records = load_records(run.files, run.fmt, cache_dir=cache_dir, text_sample_by=config.text_sample_by)
-            encoded = _encode(records, config, run)
+            fields = check_columns(list(records.column_names), config)
+            needs = _needed_columns(config, fields)
+            missing = _count_missing(records, needs)
+            if config.strict and any(missing.values()):
+                raise UsageError(_missing_message(run, needs, missing, len(records)))
+            num_records = len(records)
+            encoded = _encode(records, config, run, fields)
             stats = _write(encoded, config, run)
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
+    for key, counts in stats.items():  # missing records were encoded as empty documents
+        counts["skipped_missing"] = missing[key]
+        counts["skipped_empty"] -= missing[key]
+        if config.sft:
+            counts["conversation"] = fields.describe()
     sidecar_dir = os.path.dirname(os.path.abspath(run.sidecar))
     sidecar = {
         "kind": "sft" if config.sft else "pretrain",
@@ -158,6 +188,7 @@ def preprocess(config: PreprocessConfig) -> dict:
         "vocab_size": run.vocab_size,
         "eod": run.eod,
         "dtype": numpy.dtype(run.dtype).name,
+        "num_records": num_records,
         "num_documents": sum(s["num_documents"] for s in stats.values()),
         "num_tokens": sum(s["num_tokens"] for s in stats.values()),
         "datasets": stats,
@@ -177,14 +208,82 @@ def check_columns(columns: list[str], config: PreprocessConfig) -> chat.Conversa
         )
     missing = [k for k in config.json_keys if k not in columns]
     if missing:
-        raise ValueError(f"--json-keys: {', '.join(missing)} not in the data (columns: {', '.join(columns)})")
+        raise UsageError(f"--json-keys: {', '.join(missing)} not in the data (columns: {', '.join(columns)})")
     return None
 
 
-def _encode(records, config: PreprocessConfig, run: _Plan):
+def missing_summary(sidecar: dict) -> str | None:
+    """One line on the records skipped for lacking a needed key, or None when none were."""
+    parts = []
+    for key, counts in sidecar["datasets"].items():
+        if counts.get("skipped_missing"):
+            what = f"the conversation ({counts['conversation']})" if "conversation" in counts else f"--json-keys {key!r}"
+            parts.append(f"{counts['skipped_missing']} of {sidecar['num_records']} records lack {what}")
+    if not parts:
+        return None
+    return "; ".join(parts) + " (absent or null) and were skipped; --strict refuses them"
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """Re-raise the ValueErrors of helpers that check flags (they name the flag) as UsageErrors."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def _needed_columns(config: PreprocessConfig, fields: chat.ConversationFields | None) -> dict[str, tuple[str, list[str]]]:
+    """Per output dataset: how to name what a record needs, and the columns that must be present (non-null)."""
+    if not config.sft:
+        return {key: (f"--json-keys {key!r}", [key]) for key in config.json_keys}
+    if fields.messages:
+        return {config.json_keys[0]: (f"the messages column {fields.messages!r}", [fields.messages])}
+    return {config.json_keys[0]: (
+        f"the prompt or response column ({fields.prompt!r}, {fields.response!r})", [fields.prompt, fields.response]
+    )}
+
+
+def _count_missing(records, needs: dict[str, tuple[str, list[str]]]) -> dict[str, int]:
+    """Records per output dataset with a needed column absent or null (Arrow null counts, no Python loop)."""
+    import pyarrow.compute as pc
+
+    counts = {}
+    for key, (_, columns) in needs.items():
+        lacking = None
+        for column in columns:
+            nulls = pc.is_null(records.data.column(column))
+            lacking = nulls if lacking is None else pc.or_(lacking, nulls)
+        counts[key] = int(pc.sum(lacking).as_py() or 0)
+    return counts
+
+
+def _missing_message(run: _Plan, needs: dict, missing: dict[str, int], total: int, show_files: int = 4) -> str:
+    """The --strict refusal: counts, and which files (and lines or rows) hold the records lacking a key."""
+    parts = []
+    for key, count in missing.items():
+        if not count:
+            continue
+        what, columns = needs[key]
+        found, unknown = [], []
+        for path in run.files:
+            located = records_lacking(path, run.fmt, lambda r: any(r.get(c) is None for c in columns), columns)
+            if located is None:
+                unknown.append(path)
+            elif located[0]:
+                found.append(f"{path}: {located[0]} ({', '.join(located[1])}{', ...' if located[0] > len(located[1]) else ''})")
+        where = found[:show_files] + ([f"{len(found) - show_files} more files"] if len(found) > show_files else [])
+        if unknown:
+            where.append(f"maybe in {', '.join(unknown)}")
+        parts.append(f"{count} of {total} records lack {what} (absent or null) in {'; '.join(where)}")
+    return "--strict: " + "; ".join(parts) + "; fix the input, or drop --strict to skip (and count) them"
+
+
+def _encode(records, config: PreprocessConfig, run: _Plan, fields: chat.ConversationFields | None):
     """`datasets.map` the records into `ids_<key>` (and `mask_<key>` for SFT) columns."""
     columns = list(records.column_names)
-    fields = check_columns(columns, config)
     if config.sft:
         function = _EncodeConversations(run.tokenizer_dir, config.json_keys[0], fields, run.special, run.eod)
         desc = f"Tokenizing conversations ({fields.describe()})"
@@ -286,5 +385,5 @@ def _as_text(value, key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"--json-keys: field {key!r} holds {type(value).__name__}, not text")
+        raise UsageError(f"--json-keys: field {key!r} holds {type(value).__name__}, not text")
     return value

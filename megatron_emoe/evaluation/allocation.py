@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
+from megatron_emoe.errors import UsageError
+
 Budgets = tuple[int, ...]
 Objective = Callable[[Budgets], float]
 
@@ -146,33 +148,33 @@ def validate_search(num_layers: int, k_min: int, k_max: int, layer_cost: Sequenc
     """
     name = lambda key: (names or {}).get(key, key)  # noqa: E731
     if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"{name('num_layers')} must be an int >= 1, got {num_layers!r}")
+        raise UsageError(f"{name('num_layers')} must be an int >= 1, got {num_layers!r}")
     if not isinstance(k_min, int) or k_min < 1:
-        raise ValueError(f"{name('k_min')} must be an int >= 1, got {k_min!r}")
+        raise UsageError(f"{name('k_min')} must be an int >= 1, got {k_min!r}")
     if not isinstance(k_max, int) or k_max < k_min:
-        raise ValueError(f"{name('k_max')} must be an int >= {name('k_min')} ({k_min}), got {k_max!r}")
+        raise UsageError(f"{name('k_max')} must be an int >= {name('k_min')} ({k_min}), got {k_max!r}")
     costs = tuple(float(c) for c in layer_cost)
     if len(costs) != num_layers:
-        raise ValueError(f"{name('layer_cost')} must have one entry per layer ({num_layers}), "
+        raise UsageError(f"{name('layer_cost')} must have one entry per layer ({num_layers}), "
                          f"got {len(costs)}")
     if not all(math.isfinite(c) and c > 0 for c in costs):
-        raise ValueError(f"{name('layer_cost')} must be finite and > 0, got {list(costs)}")
+        raise UsageError(f"{name('layer_cost')} must be finite and > 0, got {list(costs)}")
     floor = k_min * math.fsum(costs)
     if not (math.isfinite(max_cost) and max_cost > 0):
-        raise ValueError(f"{name('max_cost')} must be finite and > 0, got {max_cost!r}")
+        raise UsageError(f"{name('max_cost')} must be finite and > 0, got {max_cost!r}")
     space = SearchSpace(k_min, k_max, costs, float(max_cost))
     if not space.fits(tuple([k_min] * num_layers)):
-        raise ValueError(f"{name('max_cost')} ({max_cost:.6g}) is below the cost of "
+        raise UsageError(f"{name('max_cost')} ({max_cost:.6g}) is below the cost of "
                          f"{name('k_min')}={k_min} in every layer ({floor:.6g}); allowed: >= {floor:.6g}")
     needed = len(space.uniform())
     if max_evaluations is not None and (not isinstance(max_evaluations, int) or max_evaluations < needed):
-        raise ValueError(f"{name('max_evaluations')} must be >= {needed} (the uniform budgets "
+        raise UsageError(f"{name('max_evaluations')} must be >= {needed} (the uniform budgets "
                          f"{k_min}..{k_min + needed - 1} that fit are always evaluated), "
                          f"got {max_evaluations!r}")
     if not (math.isfinite(min_improvement) and min_improvement >= 0):
-        raise ValueError(f"{name('min_improvement')} must be finite and >= 0, got {min_improvement!r}")
+        raise UsageError(f"{name('min_improvement')} must be finite and >= 0, got {min_improvement!r}")
     if greedy_start not in GREEDY_STARTS:
-        raise ValueError(f"{name('greedy_start')} must be one of {GREEDY_STARTS}, got {greedy_start!r}")
+        raise UsageError(f"{name('greedy_start')} must be one of {GREEDY_STARTS}, got {greedy_start!r}")
     return space
 
 

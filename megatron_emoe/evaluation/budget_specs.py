@@ -9,20 +9,8 @@ import os
 from typing import Optional, Sequence
 
 from megatron_emoe.config import Budget, TopP, validate_budget
-
-
-def checkpoint_config(saved: argparse.Namespace, dispatcher: Optional[str] = None):
-    """The saved run's `TransformerConfig`, by Megatron's own translation of its flags (no model,
-    no process group), to check budgets and count expert FLOPs before anything is built;
-    `dispatcher` overrides the token dispatcher the budgets are checked against."""
-    from megatron.training.arguments import core_transformer_config_from_args
-
-    from megatron_emoe.conversion.megatron_side import saved_over_defaults
-
-    config = core_transformer_config_from_args(saved_over_defaults(saved))
-    if dispatcher:
-        config.moe_token_dispatcher_type = dispatcher
-    return config
+from megatron_emoe.errors import UsageError
+from megatron_emoe.runtime.checkpoints import checkpoint_config
 
 
 def parse_layer_budget(text: str, flag: str = "--layer-budgets") -> tuple[int, ...]:
@@ -31,18 +19,18 @@ def parse_layer_budget(text: str, flag: str = "--layer-budgets") -> tuple[int, .
     try:
         return tuple(int(part) for part in parts)
     except ValueError:
-        raise ValueError(f"{flag} takes per-layer budgets like 1-2-4-4, got {text!r}") from None
+        raise UsageError(f"{flag} takes per-layer budgets like 1-2-4-4, got {text!r}") from None
 
 
 def read_allocation(path: str) -> tuple[int, ...]:
     """The per-layer allocation written by tools/search_budget_allocation.py."""
     if not os.path.isfile(path):
-        raise ValueError(f"--allocation {path} not found")
+        raise UsageError(f"--allocation {path} not found")
     with open(path) as f:
         record = json.load(f)
     allocation = record.get("allocation") if isinstance(record, dict) else None
     if not isinstance(allocation, list):
-        raise ValueError(f"--allocation {path} has no 'allocation' list")
+        raise UsageError(f"--allocation {path} has no 'allocation' list")
     return tuple(int(k) for k in allocation)
 
 
@@ -77,5 +65,5 @@ def collect(
         for p in top_p:
             result.append(validate_budget(TopP(float(p), cap), top_p_config, flag="--top-p"))
     if not result:
-        raise ValueError("nothing to evaluate: give --budgets, --layer-budgets, --allocation or --top-p")
+        raise UsageError("nothing to evaluate: give --budgets, --layer-budgets, --allocation or --top-p")
     return result

@@ -15,9 +15,25 @@ import contextlib
 import dataclasses
 import os
 import tempfile
+import logging
 from typing import Callable, Iterator, Optional
 
-from megatron_emoe.config import Budget, TopP
+import torch
+from megatron.core.utils import get_model_config
+
+from megatron_emoe.config import Budget, TopP, decoder_moe_layers, takes_per_token_budgets
+from megatron_emoe.errors import UsageError
+from megatron_emoe.runtime.checkpoints import args_from_checkpoint, checkpoint_args, latest_checkpoint_name
+from megatron_emoe.runtime.data import validation_iterator_factory
+from megatron_emoe.runtime.evaluate import (
+    BudgetResult,
+    evaluate_at_budget,
+    expert_flops,
+    layer_expert_flops,
+    planned_experts,
+)
+from megatron_emoe.runtime.launch import run_gloo
+from megatron_emoe.runtime.model import build_model, load, megatron_globals
 
 # Megatron's token dispatchers, for --moe-token-dispatcher-type (the model's own by default).
 DISPATCHERS = ("alltoall", "allgather", "flex")
@@ -41,10 +57,8 @@ class EvalOptions:
 
     def validate(self) -> "EvalOptions":
         """Raise `ValueError` naming the flag for bad values; checks the checkpoint is there."""
-        from megatron_emoe.training.checkpoints import latest_checkpoint_name
-
         if not os.path.isdir(self.load) or latest_checkpoint_name(self.load) is None:
-            raise ValueError(
+            raise UsageError(
                 f"--load {self.load}: no Megatron checkpoint there "
                 "(expected latest_checkpointed_iteration.txt and its iter_N or release folder)"
             )
@@ -57,21 +71,21 @@ class EvalOptions:
             ("--micro-batch-size", self.micro_batch_size),
         ):
             if value is not None and value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
+                raise UsageError(f"{flag} must be >= 1, got {value}")
         for flag, size in (
             ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
             ("--expert-model-parallel-size", self.expert_model_parallel_size),
         ):
             if self.nproc % size:
-                raise ValueError(f"{flag} {size} must divide --nproc {self.nproc}")
+                raise UsageError(f"{flag} {size} must divide --nproc {self.nproc}")
         for prefix in self.valid_data_path or ():
             for suffix in (".bin", ".idx"):
                 if not os.path.isfile(prefix + suffix):
-                    raise ValueError(f"--valid-data-path {prefix}: {prefix + suffix} not found")
+                    raise UsageError(f"--valid-data-path {prefix}: {prefix + suffix} not found")
         if self.tokenizer_model is not None and not os.path.exists(self.tokenizer_model):
-            raise ValueError(f"--tokenizer-model {self.tokenizer_model} not found")
+            raise UsageError(f"--tokenizer-model {self.tokenizer_model} not found")
         if self.moe_token_dispatcher_type not in (None, *DISPATCHERS):
-            raise ValueError(
+            raise UsageError(
                 f"--moe-token-dispatcher-type must be one of {DISPATCHERS}, "
                 f"got {self.moe_token_dispatcher_type!r}"
             )
@@ -81,13 +95,13 @@ class EvalOptions:
         """Checks that need the saved run's flags (the layout must divide the model)."""
         ep, tp = self.expert_model_parallel_size, self.tensor_model_parallel_size
         if saved.num_experts and saved.num_experts % ep:
-            raise ValueError(
+            raise UsageError(
                 f"--expert-model-parallel-size {ep} must divide the checkpoint's "
                 f"{saved.num_experts} experts"
             )
         groups = saved.num_query_groups if saved.group_query_attention else saved.num_attention_heads
         if saved.num_attention_heads % tp or groups % tp:
-            raise ValueError(
+            raise UsageError(
                 f"--tensor-model-parallel-size {tp} must divide the checkpoint's "
                 f"{saved.num_attention_heads} attention heads and {groups} query groups"
             )
@@ -95,7 +109,7 @@ class EvalOptions:
         micro = self.micro_batch_size or saved.micro_batch_size
         data_parallel = self.nproc // tp
         if batch % (micro * data_parallel):
-            raise ValueError(
+            raise UsageError(
                 f"--global-batch-size {batch} must be a multiple of --micro-batch-size {micro} x "
                 f"data-parallel size {data_parallel} (--nproc / --tensor-model-parallel-size)"
             )
@@ -134,8 +148,6 @@ def options_from_args(namespace: argparse.Namespace) -> EvalOptions:
 
 def saved_args(options: EvalOptions) -> argparse.Namespace:
     """The saving run's flags, read from the checkpoint (no model is built)."""
-    from megatron_emoe.training.checkpoints import checkpoint_args
-
     return checkpoint_args(options.load)
 
 
@@ -143,11 +155,6 @@ class CheckpointEvaluator:
     """A loaded model plus its validation batches; `evaluate(budget)` gives a `BudgetResult`."""
 
     def __init__(self, model: list, args: argparse.Namespace, options: EvalOptions):
-        from megatron.core.utils import get_model_config
-
-        from megatron_emoe.config import decoder_moe_layers
-        from megatron_emoe.training.data import validation_iterator_factory
-
         self.model, self.args, self.options = model, args, options
         self.config = get_model_config(model[0])
         self.num_moe_layers = len(decoder_moe_layers(self.config))
@@ -157,20 +164,14 @@ class CheckpointEvaluator:
 
     def layer_expert_flops(self) -> list[float]:
         """Forward FLOPs per token of ONE active routed expert in each MoE decoder layer."""
-        from megatron_emoe.evaluation.budget_eval import layer_expert_flops
-
         return layer_expert_flops(self.config)
 
     def expert_flops(self, budget: Budget) -> float:
         """Routed-expert forward FLOPs per token of a fixed budget, without running the model."""
-        from megatron_emoe.evaluation.budget_eval import expert_flops, planned_experts
-
         return expert_flops(self.config, planned_experts(self.config, budget))
 
-    def evaluate(self, budget: Budget):
+    def evaluate(self, budget: Budget) -> BudgetResult:
         """Validation loss and realised experts per token at `budget` (int, per-layer, `TopP`)."""
-        from megatron_emoe.evaluation.budget_eval import evaluate_at_budget
-
         return evaluate_at_budget(
             self.model, budget, self._make_iterator, coactivation_dir=self.options.coactivation_dir
         )
@@ -178,9 +179,6 @@ class CheckpointEvaluator:
 
 def _args_for(options: EvalOptions, saved: argparse.Namespace, top_p: bool) -> argparse.Namespace:
     """Megatron args to rebuild the saved model at the asked layout, reading the asked data."""
-    from megatron_emoe.config import takes_per_token_budgets
-    from megatron_emoe.conversion.megatron_side import args_from_checkpoint
-
     args = args_from_checkpoint(
         saved, options.load, options.tensor_model_parallel_size, options.expert_model_parallel_size
     )
@@ -205,8 +203,6 @@ def _args_for(options: EvalOptions, saved: argparse.Namespace, top_p: bool) -> a
 def checkpoint_evaluator(options: EvalOptions, top_p: bool = False) -> Iterator[CheckpointEvaluator]:
     """Build and load the checkpoint on the current gloo ranks (Megatron's parallel state set up
     at the options' layout, as `run_on_ranks` does); `top_p` readies the dispatcher for it."""
-    from megatron_emoe.conversion.megatron_side import build_model, load, megatron_globals
-
     saved = saved_args(options)
     options.check_against(saved)
     args = _args_for(options, saved, top_p)
@@ -220,10 +216,6 @@ def checkpoint_evaluator(options: EvalOptions, top_p: bool = False) -> Iterator[
 
 def _rank_body(rank: int, options: EvalOptions, top_p: bool, fn: Callable, fn_args: tuple,
                result_path: str) -> None:
-    import logging
-
-    import torch
-
     logging.getLogger("megatron").setLevel(logging.ERROR)  # per-evaluation timer and mode lines
 
     with checkpoint_evaluator(options, top_p) as evaluator:
@@ -236,10 +228,6 @@ def run_on_ranks(options: EvalOptions, fn: Callable, *fn_args, top_p: bool = Fal
                  timeout: float = 24 * 3600):
     """Run `fn(evaluator, *fn_args)` on `options.nproc` local gloo ranks with the checkpoint
     loaded; return rank 0's result. `fn` must be a top-level function (it is pickled)."""
-    import torch
-
-    from megatron_emoe.launch import run_gloo
-
     with tempfile.TemporaryDirectory(prefix="megatron-emoe-eval-") as scratch:
         result_path = os.path.join(scratch, "result.pt")
         run_gloo(

@@ -22,17 +22,27 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
+from megatron_emoe.budget import set_active_experts
 from megatron_emoe.config import Budget
-from megatron_emoe.evaluation.budget_eval import budget_json, budget_label
+from megatron_emoe.errors import UsageError
+from megatron_emoe.runtime.checkpoints import checkpoint_args, latest_checkpoint_name
+from megatron_emoe.runtime.evaluate import budget_json, budget_label
+from megatron_emoe.runtime.launch import megatron_session
+from megatron_emoe.runtime.model import loaded_model
 
 TASKS_DIR = Path(__file__).resolve().with_name("tasks")  # the shipped local tasks (emoe_mc)
 
@@ -54,7 +64,7 @@ def parse_budget(value) -> Budget:
             raise ValueError
         values = [int(str(part).strip()) for part in parts]
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"active_experts must be an int or a hyphen-separated list such as 1-2-4, got {value!r}"
         ) from None
     return values[0] if len(values) == 1 else tuple(values)
@@ -64,19 +74,15 @@ def parse_budget(value) -> Budget:
 @contextlib.contextmanager
 def single_process_megatron():
     """A one-rank gloo world with Megatron's parallel state (TP = EP = PP = 1), as
-    `megatron_emoe.launch.run_gloo(fn, world_size=1)` sets up around `fn`; reused if one is open."""
-    import torch.distributed as dist
-
+    `megatron_emoe.runtime.launch.run_gloo(fn, world_size=1)` sets up around `fn`; reused if one is open."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() != 1:
-            raise ValueError(
+            raise UsageError(
                 "the megatron-emoe lm-eval adapter runs in one process at TP=1, EP=1; got a "
                 f"world of {dist.get_world_size()} ranks"
             )
         yield
         return
-
-    from megatron_emoe.launch import megatron_session
 
     with tempfile.TemporaryDirectory(prefix="megatron-emoe-lm-eval-") as store_dir:
         with megatron_session(0, 1, store_dir, timeout=600):
@@ -92,13 +98,8 @@ class MegatronEMoELM(TemplateLM):
                  batch_size=1, max_length: int | None = None, max_gen_toks: int = 256,
                  **_ignored):  # lm-eval also passes device / max_batch_size
         super().__init__()
-        from transformers import AutoTokenizer
-
-        from megatron_emoe.conversion.megatron_side import loaded_model
-        from megatron_emoe.training.checkpoints import checkpoint_args, latest_checkpoint_name
-
         if not os.path.isdir(load) or latest_checkpoint_name(load) is None:
-            raise ValueError(f"load={load}: no Megatron checkpoint (latest_checkpointed_iteration.txt) there")
+            raise UsageError(f"load={load}: no Megatron checkpoint (latest_checkpointed_iteration.txt) there")
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
         saved = checkpoint_args(load)
@@ -106,7 +107,7 @@ class MegatronEMoELM(TemplateLM):
         self._tokenizer_path = tokenizer_model or saved.tokenizer_model
         self.tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
         if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {self._tokenizer_path} has no EOS token (used as prefix and stop)")
+            raise UsageError(f"tokenizer {self._tokenizer_path} has no EOS token (used as prefix and stop)")
         self._max_length = _positive_int(max_length or saved.seq_length, "max_length")
         self._stack = contextlib.ExitStack()
         try:
@@ -141,8 +142,6 @@ class MegatronEMoELM(TemplateLM):
     def set_budget(self, active_experts) -> Budget:
         """Route each token to k' experts from now on: an int, "1-2-3" / a list per MoE layer, or
         None (training top-k). Raises ValueError naming the allowed range."""
-        from megatron_emoe.budget import set_active_experts
-
         budget = parse_budget(active_experts)
         set_active_experts(self.model, budget)
         self.active_experts = budget
@@ -206,7 +205,7 @@ class MegatronEMoELM(TemplateLM):
             for i in batch:
                 _, context, continuation = requests[i]
                 if len(continuation) > self.max_length:
-                    raise ValueError(f"a continuation of {len(continuation)} tokens does not fit in "
+                    raise UsageError(f"a continuation of {len(continuation)} tokens does not fit in "
                                      f"max_length={self.max_length}")
                 rows.append((list(context) + list(continuation))[-(self.max_length + 1):][:-1])
                 targets.append(list(continuation))
@@ -286,8 +285,6 @@ class MegatronEMoELM(TemplateLM):
 def task_manager(tasks: Iterable[str], include_paths: Iterable[str] = ()):
     """An lm-eval TaskManager over the shipped tasks and `include_paths`; lm-eval's built-in tasks
     are indexed too (tens of seconds) only when a requested name is not found locally."""
-    from lm_eval.tasks import TaskManager
-
     paths = [str(TASKS_DIR), *map(str, include_paths)]
     local = TaskManager(include_path=paths, include_defaults=False)
     if not unknown_tasks(local, tasks):
@@ -307,10 +304,6 @@ def evaluate_budgets(lm: MegatronEMoELM, budgets: Iterable[Budget], tasks: list[
     Returns one entry per budget: {"active_experts", "label", "results": {task: {metric: value}},
     "seconds"}. `evaluate_kwargs` go to `simple_evaluate` (limit, num_fewshot, ...).
     """
-    import time
-
-    from lm_eval import simple_evaluate
-
     runs = []
     for budget in budgets:
         label = budget_label(lm.set_budget(budget))
@@ -338,7 +331,7 @@ def _positive_int(value, name: str) -> int:
     except (TypeError, ValueError):
         number = 0
     if isinstance(value, bool) or number < 1 or str(number) != str(value).strip():
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
     return number
 
 

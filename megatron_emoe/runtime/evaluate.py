@@ -1,7 +1,7 @@
 """Validation loss of a built model at one inference budget, with the experts it really used.
 
-Shared by the training entry's end-of-run sweep (`--elastic-eval-budgets`) and the checkpoint
-tools: Megatron's own `evaluate` runs the validation batches, and a `CoactivationRecorder` counts
+Shared by the training entry's end-of-run sweep (`--elastic-eval-budgets`) and the evaluation
+apps: Megatron's own `evaluate` runs the validation batches, and a `CoactivationRecorder` counts
 the experts each token activated (its diagonal), which gives the realised experts per token (for
 top-p budgets too) and the routed-expert FLOPs.
 """
@@ -12,7 +12,13 @@ import dataclasses
 import math
 from typing import Callable, Iterator, Optional, Sequence
 
+from megatron.core.utils import get_model_config
+from megatron.training.training import evaluate
+
+from megatron_emoe import coactivation
+from megatron_emoe.budget import active_experts
 from megatron_emoe.config import Budget, TopP, decoder_moe_layers
+from megatron_emoe.runtime.step import forward_step as default_forward_step
 
 
 @dataclasses.dataclass
@@ -81,19 +87,11 @@ def evaluate_at_budget(
     model: list,
     budget: Budget,
     make_iterator: Callable[[], Iterator],
-    forward_step: Optional[Callable] = None,
+    forward_step: Callable = default_forward_step,
     coactivation_dir: Optional[str] = None,
 ) -> BudgetResult:
     """Megatron's `evaluate` over the batches of `make_iterator()` with `budget` set on every
     elastic router (restored after); optionally saves that budget's co-activation matrices."""
-    from megatron.core.utils import get_model_config
-    from megatron.training.training import evaluate
-
-    from megatron_emoe import coactivation
-    from megatron_emoe.budget import active_experts
-
-    if forward_step is None:
-        from megatron_emoe.training.step import forward_step
     config = get_model_config(model[0])
     with active_experts(model, budget), coactivation.CoactivationRecorder(
         model, phase="eval", entropy=coactivation_dir is not None

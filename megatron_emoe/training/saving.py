@@ -1,5 +1,5 @@
-"""Checkpoint saves that never damage the previous checkpoint, and the facts a new run checks
-against an existing one (router mode, experts) before it starts."""
+"""Checkpoint saves of the training entry that never damage the previous checkpoint, and the `hf/`
+folder of a converted model carried along to `--save`."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ import functools
 import os
 import shutil
 
+import torch
+from megatron.training import get_args
+
 from megatron_emoe.files import write_text_atomically
+from megatron_emoe.runtime.checkpoints import HF_SUBDIR, TRACKER, iteration_dir
 
-TRACKER = "latest_checkpointed_iteration.txt"
 STAGING_PREFIX = ".staging-"
-
-
-def iteration_dir(iteration: int) -> str:
-    """Megatron's folder name for a global checkpoint at `iteration`."""
-    return f"iter_{iteration:07d}"
 
 
 def publish(save_dir: str, staging_dir: str, iteration: int) -> None:
@@ -57,9 +55,6 @@ def staged(save_checkpoint):
 
     @functools.wraps(save_checkpoint)
     def save(iteration, *args_, **kwargs):
-        import torch
-        from megatron.training import get_args
-
         args = get_args()
         if args.async_save or kwargs.get("non_persistent_ckpt") or kwargs.get("release"):
             return save_checkpoint(iteration, *args_, **kwargs)
@@ -81,42 +76,6 @@ def staged(save_checkpoint):
         return result
 
     return save
-
-
-def _tracked(checkpoint_dir: str | None) -> str | None:
-    """What Megatron's tracker in `checkpoint_dir` names ("release" or an iteration), or None."""
-    tracker = os.path.join(checkpoint_dir, TRACKER) if checkpoint_dir else None
-    if tracker is None or not os.path.isfile(tracker):
-        return None
-    with open(tracker) as f:
-        return f.read().strip()
-
-
-def latest_iteration(checkpoint_dir: str | None) -> int | None:
-    """The iteration Megatron's tracker in `checkpoint_dir` names, or None when there is none."""
-    tracked = _tracked(checkpoint_dir)
-    if tracked is None:
-        return None
-    return 0 if tracked == "release" else int(tracked)
-
-
-def latest_checkpoint_name(checkpoint_dir: str | None) -> str | None:
-    """The folder (`release` or `iter_N`) Megatron's tracker in `checkpoint_dir` names, or None."""
-    tracked = _tracked(checkpoint_dir)
-    if tracked is None:
-        return None
-    return "release" if tracked == "release" else iteration_dir(int(tracked))
-
-
-def checkpoint_args(checkpoint_dir: str):
-    """The training flags (`argparse.Namespace`) saved with the latest checkpoint in `checkpoint_dir`."""
-    from megatron.core import dist_checkpointing
-
-    name = latest_checkpoint_name(checkpoint_dir)
-    return dist_checkpointing.load_common_state_dict(os.path.join(checkpoint_dir, name)).get("args")
-
-
-HF_SUBDIR = "hf"  # config + tokenizer of a converted model's Hugging Face source
 
 
 def carry_hf_config(load_dir: str | None, save_dir: str | None) -> None:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Convert MoE checkpoints between Hugging Face folders and Megatron `torch_dist` checkpoints.
 
   hf-to-megatron --hf-path DIR --output DIR [--target-tensor-parallel-size N]
@@ -16,7 +15,6 @@ import dataclasses
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_emoe.conversion.convert import (
     HFToMegatron,
@@ -24,11 +22,11 @@ from megatron_emoe.conversion.convert import (
     hf_to_megatron,
     megatron_to_hf,
 )
-from megatron_emoe.conversion.families import ConversionError
+from megatron_emoe.errors import ArgumentParser, exits_on_usage_error
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     to_megatron = commands.add_parser("hf-to-megatron", help="Hugging Face folder -> Megatron checkpoint")
@@ -54,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exits_on_usage_error("emoe-convert-checkpoint")
 def main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
@@ -62,11 +61,7 @@ def main(argv=None) -> int:
         "megatron-to-hf": (MegatronToHF, megatron_to_hf),
     }[command]
     settings = settings_class(**{f.name: args[f.name] for f in dataclasses.fields(settings_class)})
-    try:
-        run(settings)
-    except ConversionError as error:
-        print(f"convert_checkpoint.py {command}: error: {error}", file=sys.stderr)
-        return 2
+    run(settings)
     print(f"wrote {settings.output}")
     return 0
 

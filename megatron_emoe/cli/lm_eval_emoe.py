@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Downstream tasks (EleutherAI lm-eval) on a megatron-emoe checkpoint at one or more budgets k'.
 
-    python tools/lm_eval_emoe.py --load CKPT --tasks emoe_mc --budgets 1 2 4 --output results.json
-    python tools/lm_eval_emoe.py --load CKPT --tasks emoe_mc --active-experts 1 2 --active-experts 4
+    emoe-lm-eval --load CKPT --tasks emoe_mc --budgets 1 2 4 --output results.json
+    emoe-lm-eval --load CKPT --tasks emoe_mc --active-experts 1 2 --active-experts 4
 
 `--budgets K ...` runs once per value (every MoE layer at K); each `--active-experts K [K ...]` is
 one more run (one value for all MoE layers, or one per MoE layer). Without either: the training
@@ -18,23 +17,25 @@ import argparse
 import json
 import os
 import sys
+from importlib.metadata import version
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_emoe.config import decoder_moe_layers, validate_budget
+from megatron_emoe.errors import ArgumentParser, UsageError, exits_on_usage_error
+from megatron_emoe.evaluation.lm_eval_adapter import (
+    MegatronEMoELM,
+    evaluate_budgets,
+    task_manager,
+    unknown_tasks,
+)
+from megatron_emoe.files import write_text_atomically
+from megatron_emoe.runtime.checkpoints import checkpoint_args, checkpoint_config, latest_checkpoint_name
+from megatron_emoe.runtime.launch import run_gloo
 
-PROG = "lm_eval_emoe.py"
-
-
-class UsageError(Exception):
-    """A bad flag value: reported as one line naming the flag, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UsageError(message)
+PROG = "emoe-lm-eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="Megatron torch_dist checkpoint folder (any TP/EP layout)")
     parser.add_argument("--tasks", nargs="+", default=["emoe_mc"],
                         help="lm-eval task, group or tag names (space- or comma-separated; default emoe_mc)")
@@ -57,26 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check(args: argparse.Namespace):
     """Validate every flag without building a model; returns (budgets, transformer config, task manager)."""
-    from megatron_emoe.config import validate_budget
-    from megatron_emoe.training.checkpoints import checkpoint_args, latest_checkpoint_name
-
     for flag, value, least in (("--limit", args.limit, 1), ("--num-fewshot", args.num_fewshot, 0),
                                ("--batch-size", args.batch_size, 1), ("--max-gen-toks", args.max_gen_toks, 1)):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     if not os.path.isdir(args.load) or latest_checkpoint_name(args.load) is None:
         raise UsageError(f"--load {args.load}: no Megatron checkpoint (latest_checkpointed_iteration.txt) there")
-    from megatron_emoe.evaluation.budget_specs import checkpoint_config
-
     saved = checkpoint_args(args.load)
     config = checkpoint_config(saved)
     budgets = []
     for flag, values in [("--budgets", [k]) for k in args.budgets] + \
                         [("--active-experts", ks) for ks in args.active_experts]:
-        try:
-            budgets.append(validate_budget(values[0] if len(values) == 1 else values, config, flag=flag))
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        budgets.append(validate_budget(values[0] if len(values) == 1 else values, config, flag=flag))
     tokenizer = args.tokenizer_model or saved.tokenizer_model
     if not tokenizer or not os.path.isdir(tokenizer):
         raise UsageError(f"--tokenizer-model {tokenizer}: not a tokenizer folder"
@@ -86,8 +79,6 @@ def check(args: argparse.Namespace):
             raise UsageError(f"--include-path {folder}: not a folder")
     if args.output and os.path.isdir(args.output):
         raise UsageError(f"--output {args.output}: is a folder, give a file name")
-    from megatron_emoe.evaluation.lm_eval_adapter import task_manager, unknown_tasks
-
     manager = task_manager(args.tasks, args.include_path)
     missing = unknown_tasks(manager, args.tasks)
     if missing:
@@ -98,8 +89,6 @@ def check(args: argparse.Namespace):
 
 def _evaluate_rank(rank, args, budgets, manager, runs):
     """Body of the one gloo rank: load the checkpoint once, evaluate every budget."""
-    from megatron_emoe.evaluation.lm_eval_adapter import MegatronEMoELM, evaluate_budgets
-
     print(f"[lm-eval] loading {args.load} (TP=1, EP=1)", flush=True)
     with MegatronEMoELM(load=args.load, tokenizer_model=args.tokenizer_model, batch_size=args.batch_size,
                         max_gen_toks=args.max_gen_toks) as lm:
@@ -109,20 +98,11 @@ def _evaluate_rank(rank, args, budgets, manager, runs):
             numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed))
 
 
+@exits_on_usage_error(PROG)
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        args.tasks = [name for item in args.tasks for name in item.split(",") if name]
-        budgets, config, manager = check(args)
-    except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-
-    from importlib.metadata import version
-
-    from megatron_emoe.config import decoder_moe_layers
-    from megatron_emoe.files import write_text_atomically
-    from megatron_emoe.launch import run_gloo
+    args = build_parser().parse_args(argv)
+    args.tasks = [name for item in args.tasks for name in item.split(",") if name]
+    budgets, config, manager = check(args)
 
     runs: list[dict] = []
     run_gloo(_evaluate_rank, world_size=1, args=(args, budgets, manager, runs), timeout=24 * 3600)

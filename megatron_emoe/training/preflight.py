@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 
-from megatron_emoe.training.checkpoints import checkpoint_args, latest_iteration
+from megatron.training.arguments import core_transformer_config_from_args
+
+from megatron_emoe.config import elastic_config_from_args, validate_budget
+from megatron_emoe.data.checks import check_data_prefixes
+from megatron_emoe.errors import UsageError
+from megatron_emoe.runtime.checkpoints import checkpoint_args, latest_iteration
 
 # Flags a resumed run must share with its checkpoint (a fine-tune may change the router mode).
 _RESUME_MUST_MATCH = {"num_experts": "--num-experts", "moe_router_mode": "--moe-router-mode"}
 _FINETUNE_MUST_MATCH = {"num_experts": "--num-experts"}
-
-
-class TrainingInputError(ValueError):
-    """A flag value the run cannot start with."""
 
 
 def _data_prefixes(args) -> list[tuple[str, list[str]]]:
@@ -23,15 +24,13 @@ def _data_prefixes(args) -> list[tuple[str, list[str]]]:
 
 def check_data(args, tokenizer_vocab_size: int) -> None:
     """Data files exist and were made with this tokenizer (sequence lengths are checked too)."""
-    from megatron_emoe.data.checks import check_data_prefixes
-
     if args.mock_data:
         return
     if args.data_args_path or args.per_split_data_args_path:
         return  # Megatron reads these files itself
     prefixes = _data_prefixes(args)
     if not prefixes:
-        raise TrainingInputError("no training data: pass --data-path PREFIX (or --mock-data)")
+        raise UsageError("no training data: pass --data-path PREFIX (or --mock-data)")
     for flag, values in prefixes:
         check_data_prefixes(
             values, tokenizer_vocab_size=tokenizer_vocab_size, sft=args.sft_packed, flag=flag
@@ -41,7 +40,7 @@ def check_data(args, tokenizer_vocab_size: int) -> None:
 def check_sequence_length(args) -> None:
     """--seq-length must fit the model's --max-position-embeddings."""
     if args.max_position_embeddings is not None and args.seq_length > args.max_position_embeddings:
-        raise TrainingInputError(
+        raise UsageError(
             f"--seq-length {args.seq_length} is above the model's --max-position-embeddings "
             f"{args.max_position_embeddings}: use 1 <= --seq-length <= {args.max_position_embeddings}"
         )
@@ -51,7 +50,7 @@ def check_checkpoints(args) -> None:
     """Resuming or fine-tuning must match the checkpoint; --save must not overwrite unasked."""
     loaded = latest_iteration(args.load)
     if args.load and loaded is None and args.finetune:
-        raise TrainingInputError(
+        raise UsageError(
             f"--finetune --load {args.load}: no checkpoint there "
             f"(expected {os.path.join(args.load, 'latest_checkpointed_iteration.txt')})"
         )
@@ -63,7 +62,7 @@ def check_checkpoints(args) -> None:
         args.load and os.path.realpath(args.load) == os.path.realpath(args.save) and not args.finetune
     )
     if saved is not None and not resuming_from_save and not args.allow_overwrite_save:
-        raise TrainingInputError(
+        raise UsageError(
             f"--save {args.save} already holds a checkpoint (iteration {saved}) that this run does "
             f"not resume from, so its iterations could be overwritten: resume with --load "
             f"{args.save}, choose another --save, or pass --allow-overwrite-save"
@@ -79,24 +78,32 @@ def _check_matches(args, saved, where: str, fields: dict[str, str]) -> None:
             theirs = theirs or "topk"  # checkpoints of plain Megatron route with top-k
         if ours != theirs:
             action = "fine-tune from" if args.finetune else "resume"
-            raise TrainingInputError(
+            raise UsageError(
                 f"{flag} {ours} does not match the checkpoint in {where} ({flag} {theirs}): "
                 f"to {action} it, pass {flag} {theirs}"
             )
 
 
 def check_budgets(args) -> None:
-    """--elastic-eval-budgets needs a checkpoint to reload and budgets within 1..--num-experts."""
-    if not args.elastic_eval_budgets:
-        return
-    if not args.save:
-        raise TrainingInputError("--elastic-eval-budgets reloads the saved model: pass --save DIR")
-    limit = args.num_experts or 0
-    for k in args.elastic_eval_budgets:
-        if not 1 <= k <= limit:
-            raise TrainingInputError(
-                f"--elastic-eval-budgets {k}: each budget must be in [1, {limit}] (--num-experts)"
+    """--elastic-eval-budgets needs a checkpoint to reload."""
+    if args.elastic_eval_budgets and not args.save:
+        raise UsageError("--elastic-eval-budgets reloads the saved model: pass --save DIR")
+
+
+def check_routing(args) -> None:
+    """Every router, budget and M-MoE rule, against the `TransformerConfig` Megatron will build
+    from these flags (validated args), so that none of them first fails inside the model build."""
+    if not args.num_experts:
+        if args.moe_router_mode != "topk" or args.elastic_eval_budgets:
+            raise UsageError(
+                f"--moe-router-mode {args.moe_router_mode} and --elastic-eval-budgets need an MoE "
+                "model: set --num-experts"
             )
+        return
+    config = core_transformer_config_from_args(args)
+    elastic_config_from_args(args, config)
+    for k in args.elastic_eval_budgets or ():
+        validate_budget(k, config, flag=f"--elastic-eval-budgets {k}:")
 
 
 def check_before_parsing_done(args) -> None:
@@ -121,19 +128,21 @@ def check_vocab_rows(args, tokenizer_vocab_size: int) -> None:
     """The embedding must have a row for every token and split evenly over TP ranks."""
     rows = args.padded_vocab_size
     if rows < tokenizer_vocab_size:
-        raise TrainingInputError(
+        raise UsageError(
             f"--tokenizer-model has {tokenizer_vocab_size} tokens but the checkpoint in --load "
             f"{args.load} has {rows} embedding rows: use the tokenizer the model was trained with"
         )
     if rows % args.tensor_model_parallel_size:
-        raise TrainingInputError(
+        raise UsageError(
             f"the checkpoint's {rows} embedding rows do not split over "
             f"--tensor-model-parallel-size {args.tensor_model_parallel_size}"
         )
 
 
 def check_before_training(args, tokenizer_vocab_size: int) -> None:
-    """Checks that need the tokenizer: data files, embedding rows, then checkpoints."""
+    """Checks on validated flags: routing, then (with the tokenizer) data files, embedding rows,
+    then checkpoints."""
+    check_routing(args)
     check_data(args, tokenizer_vocab_size)
     check_vocab_rows(args, tokenizer_vocab_size)
     check_checkpoints(args)

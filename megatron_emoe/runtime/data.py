@@ -1,14 +1,21 @@
-"""Train/valid/test datasets of the training entry: Megatron indexed data, packed SFT data or mock."""
+"""Train/valid/test datasets of every app: Megatron indexed data, packed SFT data or mock data,
+and the validation batches of the training loop's first evaluation."""
 
 from __future__ import annotations
+
+from megatron.core import parallel_state as mpu
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.training import get_args, get_tokenizer, print_rank_0
+from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+from megatron.training.utils import get_blend_and_blend_per_split
+
+from megatron_emoe.data.sft import PackedSFTDataset
+from megatron_emoe.errors import UsageError
 
 
 def dataset_config(args):
     """Megatron's `GPTDatasetConfig` from the flags (blends, split, sequence length, masks)."""
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-    from megatron.training import get_tokenizer
-    from megatron.training.utils import get_blend_and_blend_per_split
-
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     return GPTDatasetConfig(
         random_seed=args.seed,
@@ -33,26 +40,14 @@ def dataset_config(args):
 def dataset_class(args):
     """GPTDataset for pretraining, PackedSFTDataset for `--sft-packed`, mock data for `--mock-data`."""
     if args.mock_data:
-        from megatron.core.datasets.gpt_dataset import MockGPTDataset
-
         return MockGPTDataset
     if args.sft_packed:
-        from megatron_emoe.data.sft import PackedSFTDataset
-
         return PackedSFTDataset
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
     return GPTDataset
 
 
 def train_valid_test_datasets_provider(train_valid_test_num_samples, vp_stage=None):
     """Megatron's dataset provider hook: build the three splits on the ranks that read data."""
-    from megatron.core import parallel_state as mpu
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.training import get_args, print_rank_0
-
     args = get_args()
     print_rank_0("> building train, validation, and test datasets ...")
     datasets = BlendedMegatronDatasetBuilder(
@@ -72,10 +67,8 @@ train_valid_test_datasets_provider.is_distributed = True
 def validation_iterator_factory(args, datasets_provider=train_valid_test_datasets_provider):
     """A function giving a fresh iterator over the same `--eval-iters` validation batches (from
     the first validation sample, as the training loop's first evaluation) on every call."""
-    from megatron.training.datasets.data_samplers import build_pretraining_data_loader
-
     num_valid = args.eval_iters * args.global_batch_size
     _, valid, _ = datasets_provider((1, num_valid, 1))
     if valid is None:
-        raise ValueError("evaluation needs a validation split: --valid-data-path or --split")
+        raise UsageError("evaluation needs a validation split: --valid-data-path or --split")
     return lambda: iter(build_pretraining_data_loader(valid, 0))

@@ -7,7 +7,14 @@ import json
 import math
 import os
 
+import torch
+from megatron.training import print_rank_0
+
+from megatron_emoe import coactivation
 from megatron_emoe.files import write_text_atomically
+from megatron_emoe.runtime.data import validation_iterator_factory
+from megatron_emoe.runtime.evaluate import evaluate_at_budget
+from megatron_emoe.runtime.model import build_model, load
 
 
 @contextlib.contextmanager
@@ -23,15 +30,11 @@ def _loading_weights_only(args):
             setattr(args, name, value)
 
 
-def evaluate_budgets(
-    model, forward_step, budgets, make_iterator, coactivation_dir=None
-) -> dict[int, float]:
+def evaluate_budgets(model, budgets, make_iterator, coactivation_dir=None) -> dict[int, float]:
     """Validation LM loss (nats/token) of `model` at each number of active experts; with
     `coactivation_dir`, also each budget's co-activation matrices (`eval_kK.npz`)."""
-    from megatron_emoe.evaluation.budget_eval import evaluate_at_budget
-
     return {
-        k: evaluate_at_budget(model, k, make_iterator, forward_step, coactivation_dir).val_loss
+        k: evaluate_at_budget(model, k, make_iterator, coactivation_dir=coactivation_dir).val_loss
         for k in budgets
     }
 
@@ -45,25 +48,13 @@ def format_table(losses: dict[int, float], train_topk: int) -> str:
     return "\n".join(rows)
 
 
-def run(args, model_config, datasets_provider, forward_step) -> dict[int, float]:
+def run(args) -> dict[int, float]:
     """Build the model, load the latest checkpoint in --save, evaluate every budget, report."""
-    import torch
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.training import print_rank_0
-    from megatron.training.checkpointing import load_checkpoint
-
-    from megatron_emoe import coactivation
-    from megatron_emoe.training.data import validation_iterator_factory
-
-    builder = model_config.get_builder_cls()(model_config)
-    model = builder.build_distributed_models(
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(), wrap_with_ddp=False
-    )
+    model = build_model(args)  # a fresh model: training hangs optimizer hooks on its own
     with _loading_weights_only(args):
-        load_checkpoint(model, None, None, load_arg="save")
+        iteration = load(model, load_arg="save")
     losses = evaluate_budgets(
-        model, forward_step, args.elastic_eval_budgets,
-        validation_iterator_factory(args, datasets_provider),
+        model, args.elastic_eval_budgets, validation_iterator_factory(args),
         coactivation_dir=args.coactivation_dir,
     )
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -71,7 +62,7 @@ def run(args, model_config, datasets_provider, forward_step) -> dict[int, float]
         print_rank_0(format_table(losses, args.moe_router_topk))
         output = args.elastic_eval_output or os.path.join(args.save, "elastic_eval.json")
         record = {
-            "iteration": args.iteration,
+            "iteration": iteration,  # the saved checkpoint's (args.iteration is the run's start)
             "router_mode": args.moe_router_mode,
             "train_topk": args.moe_router_topk,
             "num_experts": args.num_experts,

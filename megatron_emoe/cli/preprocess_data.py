@@ -1,30 +1,32 @@
-#!/usr/bin/env python3
 """Tokenize JSONL/Parquet/text files into Megatron indexed datasets (pretraining text or SFT chats).
 
-    python tools/preprocess_data.py --input 'corpus/*.jsonl' --output-prefix data/corpus \
+    emoe-preprocess-data --input 'corpus/*.jsonl' --output-prefix data/corpus \
         --tokenizer-model data/default/tokenizer --workers 2
-    python tools/preprocess_data.py --sft --input chats.jsonl --output-prefix data/chats \
+    emoe-preprocess-data --sft --input chats.jsonl --output-prefix data/chats \
         --tokenizer-model data/default/tokenizer
 
-Writes <output-prefix>_<key>_document.bin/.idx (+ _lossmask with --sft) and <output-prefix>.json.
+Writes <output-prefix>_<key>_document.bin/.idx (+ _lossmask with --sft) and <output-prefix>.json,
+and prints that sidecar. Bad input (a flag, a file, a line that is not JSON or not UTF-8) exits with
+status 2 and one line on stderr naming it. Records lacking a needed key are skipped and counted (one
+warning line on stderr); --strict refuses them instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from megatron_emoe.data.inputs import FORMATS, TEXT_SAMPLE_BY
+from megatron_emoe.errors import exits_on_usage_error
+
+PROG = "emoe-preprocess-data"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags, Megatron-style (`--kebab-case`)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     io = p.add_argument_group("input and output")
     io.add_argument("--input", nargs="+", required=True, metavar="PATH",
                     help="Input files or globs (JSONL, Parquet or plain text).")
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output-prefix", required=True,
                     help="Output path prefix: writes <prefix>_<key>_document.bin/.idx and <prefix>.json.")
     io.add_argument("--overwrite", action="store_true", help="Replace outputs that already exist.")
+    io.add_argument("--strict", action="store_true",
+                    help="Refuse records lacking a --json-keys field (or, with --sft, the messages or "
+                    "prompt/response) instead of skipping and counting them.")
     tok = p.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer-model", required=True, metavar="DIR",
                      help="Local Hugging Face tokenizer folder (loaded with AutoTokenizer, no network).")
@@ -62,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Parse flags, preprocess, print the sidecar; bad input exits with the flag named."""
-    from megatron_emoe.data.preprocess import PreprocessConfig, preprocess
+@exits_on_usage_error(PROG)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, preprocess, print the sidecar; returns 0. Bad input: one line, exit status 2."""
+    from megatron_emoe.data.preprocess import PreprocessConfig, missing_summary, preprocess
 
     args = build_parser().parse_args(argv)
     config = PreprocessConfig(
@@ -73,15 +79,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         append_eod=args.append_eod, sft=args.sft, messages_key=args.messages_key,
         prompt_key=args.prompt_key, response_key=args.response_key, system_key=args.system_key,
         workers=args.workers, batch_size=args.batch_size, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, strict=args.strict,
     )
-    try:
-        sidecar = preprocess(config)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    sidecar = preprocess(config)
     print(json.dumps(sidecar, indent=2, sort_keys=True))
-    return sidecar
+    summary = missing_summary(sidecar)
+    if summary:
+        print(f"{PROG}: warning: {summary}", file=sys.stderr, flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

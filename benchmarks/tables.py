@@ -1,7 +1,7 @@
 """Markdown tables of benchmark results, in the layout of docs/performance.md.
 
-    python benchmarks/report.py                       # benchmarks/results/*.json
-    python benchmarks/report.py --results /tmp/gpu    # another results folder
+    python benchmarks/tables.py                       # benchmarks/results/*.json
+    python benchmarks/tables.py --results /tmp/gpu    # another results folder
 """
 
 from __future__ import annotations

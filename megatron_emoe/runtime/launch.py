@@ -1,6 +1,6 @@
 """Run a function in N local gloo processes with Megatron's parallel state set up (CPU or GPU).
 
-Used by the examples and the tests: `run_gloo(fn, world_size=2, ep=2)` spawns `world_size` local
+Used by the evaluation and conversion apps, the benchmarks and the tests: `run_gloo(fn, world_size=2, ep=2)` spawns `world_size` local
 processes (file-store rendezvous, gloo on loopback) and in each initialises gloo,
 `megatron_emoe.cpu.enable()`, Megatron's parallel groups and seeds, then calls `fn(rank, *args, **kwargs)`. A failure in any rank is raised
 in the caller with that rank's traceback. `fn` must be a top-level (picklable) function. With
@@ -19,6 +19,10 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+from megatron_emoe import cpu
 
 SEED = 1234
 
@@ -30,11 +34,6 @@ def megatron_session(
     """This process as rank `rank` of a local world (file store in `store_dir`) with Megatron's
     parallel groups and seeds set up; all torn down on exit. `backend="gloo"` (CPU or GPU, with
     the CPU shim) or "nccl" (rank `rank` on GPU `rank`, for the GPU tests)."""
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
-
-    from megatron_emoe import cpu
-
     nccl = backend == "nccl"
     if nccl:
         torch.cuda.set_device(rank)

@@ -1,4 +1,5 @@
-"""Flags of the training entry: Megatron-LM's own, the elastic-routing ones, and a few of ours."""
+"""Flags of every app: Megatron-LM's own, the elastic-routing ones, and the training entry's few
+extras; `--config FILE` expands a YAML mapping of flag names to values."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import sys
 from collections.abc import Sequence
 
 import yaml
+from megatron.training.arguments import parse_args
 
-from megatron_emoe.arguments import add_elastic_moe_args
+from megatron_emoe.config import add_elastic_moe_args
+from megatron_emoe.errors import UsageError
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -69,10 +72,15 @@ def flags_argv(mapping: dict) -> list[str]:
 
 def config_file_argv(path: str | os.PathLike) -> list[str]:
     """Turn a YAML mapping of Megatron flag names to values into argv (`true` = bare flag)."""
-    with open(path, encoding="utf-8") as f:
-        mapping = yaml.safe_load(f) or {}
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            mapping = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UsageError(f"--config {path}: not valid YAML ({error})") from None
     if not isinstance(mapping, dict):
-        raise ValueError(f"{path}: expected a mapping of flag names to values")
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
     return flags_argv(mapping)
 
 
@@ -82,15 +90,13 @@ def expand_config_argv(argv: Sequence[str]) -> list[str]:
     while "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            raise SystemExit("--config needs a YAML file")
+            raise UsageError("--config needs a YAML file")
         argv[i : i + 2] = config_file_argv(argv[i + 1])
     return argv
 
 
 def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse (without validating) the entry's flags from `argv` (default: sys.argv[1:])."""
-    from megatron.training.arguments import parse_args
-
     argv = expand_config_argv(sys.argv[1:] if argv is None else argv)
     saved = sys.argv
     sys.argv = [saved[0] if saved else "pretrain", *argv]

@@ -1,22 +1,19 @@
-#!/usr/bin/env python3
 """Build the embedded default data from this machine's Python standard library (cached).
 
-    python tools/build_default_data.py [--output-dir DIR] [--overwrite]
+    emoe-build-default-data [--output-dir DIR] [--overwrite]
 
 Writes a byte-level BPE tokenizer, pretraining text and instruction (SFT) datasets, train and
 valid, into data/default/ (or --output-dir, or $MEGATRON_EMOE_DATA). Does nothing when the
-manifest there matches the current inputs.
+manifest there matches the current inputs. Prints the paths as JSON; bad flags exit with status 2
+and one line on stderr naming the flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_emoe.data.default_data import (
     DEFAULT_CORPUS_BYTES,
@@ -24,11 +21,14 @@ from megatron_emoe.data.default_data import (
     ENV_VAR,
     build_default_data,
 )
+from megatron_emoe.errors import exits_on_usage_error
+
+PROG = "emoe-build-default-data"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default=None,
                    help=f"Data folder (default: ${ENV_VAR}, else data/default in the repo).")
     p.add_argument("--corpus-bytes", type=int, default=DEFAULT_CORPUS_BYTES,
@@ -40,19 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Build (or find) the data and print its paths as JSON."""
+@exits_on_usage_error(PROG)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build (or find) the data and print its paths as JSON; returns 0. Bad flags: one line, exit 2."""
     args = build_parser().parse_args(argv)
-    try:
-        paths = build_default_data(
-            args.output_dir, corpus_bytes=args.corpus_bytes, vocab_size=args.vocab_size,
-            workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
-        )
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    paths = build_default_data(
+        args.output_dir, corpus_bytes=args.corpus_bytes, vocab_size=args.vocab_size,
+        workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
+    )
     print(json.dumps(paths, indent=2))
-    return paths
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

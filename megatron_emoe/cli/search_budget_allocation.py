@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Search per-layer inference budgets (experts per token in each MoE layer) of a checkpoint under a
 total routed-expert FLOPs budget, on its validation set, and write the best allocation as JSON.
 
-    python tools/search_budget_allocation.py --load CKPT --valid-data-path PREFIX \\
+    emoe-search-budget-allocation --load CKPT --valid-data-path PREFIX \\
         --tokenizer-model TOK --expert-flops-budget-ratio 1.0 --output allocation.json
 
 Every uniform budget that fits is evaluated, then a greedy ascent (adding experts where they buy
@@ -10,7 +9,7 @@ the most loss per FLOP, from --min-active-experts or from the best uniform budge
 and a refinement by single-layer moves and swaps (megatron_emoe.evaluation.allocation); one
 validation pass per allocation, at most --max-evaluations, one progress line each. The result's
 "allocation" list goes to `set_active_experts(model, allocation)`, to the training flag
-`--moe-active-experts`, or to `tools/elastic_eval.py --allocation FILE.json`.
+`--moe-active-experts`, or to `emoe-elastic-eval --allocation FILE.json`.
 """
 
 from __future__ import annotations
@@ -23,20 +22,21 @@ import os
 import sys
 from typing import Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch.distributed as dist
 
 from megatron_emoe.config import max_routable_experts, validate_budget
+from megatron_emoe.errors import ArgumentParser, UsageError, exits_on_usage_error
 from megatron_emoe.evaluation.allocation import (
     COST_RTOL, GREEDY_STARTS, Allocation, Evaluation, search_allocation, validate_search,
 )
-from megatron_emoe.evaluation.budget_eval import layer_expert_flops
-from megatron_emoe.evaluation.budget_specs import checkpoint_config
 from megatron_emoe.evaluation.checkpoint_eval import (
     add_eval_arguments, options_from_args, run_on_ranks, saved_args,
 )
 from megatron_emoe.files import write_text_atomically
+from megatron_emoe.runtime.checkpoints import checkpoint_config
+from megatron_emoe.runtime.evaluate import layer_expert_flops
 
-PROG = "search_budget_allocation.py"
+PROG = "emoe-search-budget-allocation"
 DEFAULT_MAX_EVALUATIONS = 100
 
 # The search's parameter names as this tool's users know them, for its error messages.
@@ -74,7 +74,7 @@ class SearchPlan:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    parser = ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(parser)
     search = parser.add_argument_group("budget search")
@@ -108,16 +108,16 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
     for flag, value in (("--expert-flops-budget-ratio", args.expert_flops_budget_ratio),
                         ("--expert-flops-budget", args.expert_flops_budget)):
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+            raise UsageError(f"{flag} must be a finite number > 0, got {value}")
     if args.min_active_experts < 1:
-        raise ValueError(f"--min-active-experts must be >= 1, got {args.min_active_experts}")
+        raise UsageError(f"--min-active-experts must be >= 1, got {args.min_active_experts}")
     if args.max_active_experts is not None and args.max_active_experts < args.min_active_experts:
-        raise ValueError(f"--max-active-experts must be >= --min-active-experts "
+        raise UsageError(f"--max-active-experts must be >= --min-active-experts "
                          f"({args.min_active_experts}), got {args.max_active_experts}")
     if args.max_evaluations < 1:
-        raise ValueError(f"--max-evaluations must be >= 1, got {args.max_evaluations}")
+        raise UsageError(f"--max-evaluations must be >= 1, got {args.max_evaluations}")
     if not (math.isfinite(args.min_improvement) and args.min_improvement >= 0):
-        raise ValueError(f"--min-improvement must be a finite number >= 0, got {args.min_improvement}")
+        raise UsageError(f"--min-improvement must be a finite number >= 0, got {args.min_improvement}")
     check_output(args.output, args.overwrite)
     return SearchSettings(args.expert_flops_budget_ratio, args.expert_flops_budget,
                           args.min_active_experts, args.max_active_experts, args.max_evaluations,
@@ -128,11 +128,11 @@ def check_output(path: str, overwrite: bool) -> None:
     """--output must be a file in an existing folder, and new unless --overwrite."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise ValueError(f"--output must be a file, got the folder {path}")
+        raise UsageError(f"--output must be a file, got the folder {path}")
     if not os.path.isdir(folder):
-        raise ValueError(f"--output: folder {folder} does not exist")
+        raise UsageError(f"--output: folder {folder} does not exist")
     if os.path.exists(path) and not overwrite:
-        raise ValueError(f"--output {path} exists; pass --overwrite to replace it")
+        raise UsageError(f"--output {path} exists; pass --overwrite to replace it")
 
 
 def plan_search(settings: SearchSettings, tc, layer_cost: Sequence[float]) -> SearchPlan:
@@ -143,7 +143,7 @@ def plan_search(settings: SearchSettings, tc, layer_cost: Sequence[float]) -> Se
     validate_budget(k_min, tc, flag="--min-active-experts")
     validate_budget(k_max, tc, flag="--max-active-experts")
     if k_max < k_min:  # only with the default --max-active-experts
-        raise ValueError(f"--min-active-experts must be <= --max-active-experts ({k_max} by "
+        raise UsageError(f"--min-active-experts must be <= --max-active-experts ({k_max} by "
                          f"default for this checkpoint), got {k_min}")
     layer_cost = tuple(float(c) for c in layer_cost)
     train_cost = math.fsum(tc.moe_router_topk * c for c in layer_cost)
@@ -155,7 +155,7 @@ def plan_search(settings: SearchSettings, tc, layer_cost: Sequence[float]) -> Se
     if max_cost < floor * (1 - COST_RTOL):
         allowed = (f"{floor:.6g} FLOPs/token" if settings.budget_flops is not None
                    else f"{floor / train_cost:.6g} (training top-k = {train_cost:.6g} FLOPs/token)")
-        raise ValueError(f"{flag} is below the cost of --min-active-experts={k_min} in every "
+        raise UsageError(f"{flag} is below the cost of --min-active-experts={k_min} in every "
                          f"MoE layer; allowed: >= {allowed}")
     validate_search(len(layer_cost), k_min, k_max, layer_cost, max_cost, settings.max_evaluations,
                     settings.min_improvement, settings.greedy_start,
@@ -172,8 +172,6 @@ def plan_from_checkpoint(settings: SearchSettings, saved: argparse.Namespace,
 
 def search_on_rank(evaluator, settings: SearchSettings) -> dict:
     """Body of every rank: plan, search (all ranks in step), return the report (used from rank 0)."""
-    import torch.distributed as dist
-
     plan = plan_search(settings, evaluator.config, evaluator.layer_expert_flops())
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     results = {}
@@ -196,8 +194,6 @@ def search_on_rank(evaluator, settings: SearchSettings) -> dict:
 
 def _same_on_all_ranks(loss: float) -> float:
     """Rank 0's loss, so that every rank takes the same search decisions (and collectives)."""
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return loss
     box = [loss]
@@ -275,21 +271,14 @@ def _json_clean(data):
     return data
 
 
-def fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
-
-
+@exits_on_usage_error(PROG)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        options = options_from_args(args)
-        saved = saved_args(options)
-        options.check_against(saved)
-        plan = plan_from_checkpoint(settings, saved, options.moe_token_dispatcher_type)
-    except ValueError as error:
-        return fail(str(error))
+    settings = settings_from_args(args)
+    options = options_from_args(args)
+    saved = saved_args(options)
+    options.check_against(saved)
+    plan = plan_from_checkpoint(settings, saved, options.moe_token_dispatcher_type)
     print(f"searching per-layer budgets of {options.load}: {len(plan.layer_cost)} MoE layers, "
           f"k' in [{plan.k_min}, {plan.k_max}], expert FLOPs/token <= {plan.max_cost:.4g} "
           f"({plan.max_cost / plan.train_cost:.3f} x training top-k), at most "

@@ -1,20 +1,20 @@
-"""Forward step and loss of the training entry (GPT language modelling, masked tokens excluded)."""
+"""Forward step and loss of every app (GPT language modelling, masked tokens excluded): Megatron's
+`forward_step_func` for training and for `evaluate`."""
 
 from __future__ import annotations
 
 from functools import partial
 
 import torch
+from megatron.core import parallel_state as mpu
+from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
+from megatron.training import get_args, get_timers
+
+from megatron_emoe.cpu import device
 
 
 def get_batch(data_iterator):
     """Next micro-batch on every TP rank: `tokens, labels, loss_mask, attention_mask, position_ids`."""
-    from megatron.core import parallel_state as mpu
-    from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
-    from megatron.training import get_args
-
-    from megatron_emoe.cpu import device
-
     args = get_args()
     tp_rank = mpu.get_tensor_model_parallel_rank()
     batch = {}
@@ -54,34 +54,8 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
 
 
-_resumed_clocks: set[int] = set()
-
-
-def resume_budget_draws(model) -> None:
-    """Number M-MoE step/layer budget draws on from the micro-batches already trained, once per
-    model: every router draws once per training micro-batch, so after a resume the draw counter is
-    `consumed_train_samples / (micro_batch_size * data_parallel_size)` (batch-size ramps included)."""
-    from megatron.training import get_args
-
-    from megatron_emoe.budget import elastic_routers
-
-    if id(model) in _resumed_clocks or not model.training:
-        return
-    _resumed_clocks.add(id(model))
-    args = get_args()
-    draws = args.consumed_train_samples // (args.micro_batch_size * args.data_parallel_size)
-    for router in elastic_routers(model):
-        router.budget_draws = draws
-
-
 def forward_step(data_iterator, model):
     """Megatron `forward_step_func`: run the model on one micro-batch, return output and loss fn."""
-    from megatron.training import get_args, get_timers
-
-    from megatron_emoe import coactivation
-
-    resume_budget_draws(model)
-    coactivation.observe_training(model, getattr(get_args(), "curr_iteration", None))
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)

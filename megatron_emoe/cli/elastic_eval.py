@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Validation loss / perplexity of a Megatron checkpoint at inference budgets.
 
-  python tools/elastic_eval.py --load CKPT --output DIR [--budgets 1 2 3 4 5 6]
+  emoe-elastic-eval --load CKPT --output DIR [--budgets 1 2 3 4 5 6]
          [--layer-budgets 1-2-4-4 ...] [--allocation allocation.json]
          [--top-p 0.5 0.8 --top-p-max-experts 6] [--nproc N --expert-model-parallel-size N]
          [--valid-data-path PREFIX ...] [--eval-iters N] [--coactivation-dir DIR] [--overwrite]
@@ -19,10 +18,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-from megatron_emoe.evaluation import budget_specs, report  # noqa: E402
-from megatron_emoe.evaluation.checkpoint_eval import (  # noqa: E402
+from megatron_emoe import coactivation
+from megatron_emoe.errors import ArgumentParser, UsageError, exits_on_usage_error
+from megatron_emoe.evaluation import budget_specs, report
+from megatron_emoe.evaluation.checkpoint_eval import (
     add_eval_arguments,
     needs_top_p,
     options_from_args,
@@ -32,7 +33,7 @@ from megatron_emoe.evaluation.checkpoint_eval import (  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(parser)
     group = parser.add_argument_group("budgets")
     group.add_argument("--budgets", type=int, nargs="*", default=None,
@@ -52,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_all(evaluator, budgets) -> dict:
     """Rank body: every budget in turn, with a progress line each; the JSON-ready record."""
-    import torch
-
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     results = []
     for index, budget in enumerate(budgets, 1):
@@ -84,31 +83,31 @@ def evaluate_all(evaluator, budgets) -> dict:
     }
 
 
+@exits_on_usage_error("emoe-elastic-eval")
 def main(argv=None) -> int:
-    parser = build_parser()
-    flags = parser.parse_args(argv)
-    try:
-        options = options_from_args(flags)
-        saved = saved_args(options)
-        options.check_against(saved)
-        budgets = budget_specs.collect(
-            saved, flags.budgets, flags.layer_budgets, flags.allocation, flags.top_p,
-            flags.top_p_max_experts, options.moe_token_dispatcher_type,
-        )
-        clash = report.existing_outputs(flags.output)
+    flags = build_parser().parse_args(argv)
+    options = options_from_args(flags)
+    saved = saved_args(options)
+    options.check_against(saved)
+    budgets = budget_specs.collect(
+        saved, flags.budgets, flags.layer_budgets, flags.allocation, flags.top_p,
+        flags.top_p_max_experts, options.moe_token_dispatcher_type,
+    )
+    clash = report.existing_outputs(flags.output)
+    if clash and not flags.overwrite:
+        raise UsageError(f"--output {flags.output} already has {', '.join(clash)}: "
+                         "pass --overwrite to replace them")
+    if options.coactivation_dir:
+        clash = coactivation.existing_eval_files(options.coactivation_dir, budgets)
         if clash and not flags.overwrite:
-            raise ValueError(f"--output {flags.output} already has {', '.join(clash)}: "
-                             "pass --overwrite to replace them")
-    except ValueError as error:
-        parser.exit(2, f"elastic_eval.py: error: {error}\n")
+            raise UsageError(f"--coactivation-dir {options.coactivation_dir} already has "
+                             f"{', '.join(clash)}: pass --overwrite to replace them")
     print(f"evaluating {options.load} at {len(budgets)} budgets on {options.nproc} process(es)",
           flush=True)
     record = run_on_ranks(options, evaluate_all, budgets, top_p=needs_top_p(budgets))
     for path in report.write_all(flags.output, record):
         print(f"wrote {path}")
     if options.coactivation_dir:
-        from megatron_emoe import coactivation
-
         # With the training run's matrices there (train.npz), the train-vs-eval distances too.
         if coactivation.compare_directory(options.coactivation_dir) is not None:
             print(f"wrote {os.path.join(options.coactivation_dir, coactivation.DISTANCE_FILE)}")
