@@ -37,6 +37,7 @@ import torch
 
 from megatron_emoe import routing
 from megatron_emoe.files import write_bytes_atomically, write_text_atomically
+from megatron_emoe.layers import num_layer_slots, router_slot
 
 NORMALIZATIONS = ("pairs", "tokens", "total")
 # Default normalisation: the distribution over co-activated expert pairs (see `normalize`).
@@ -167,15 +168,6 @@ class Coactivation:
 # ---------------------------------------------------------------------------------------------
 # Recorder
 # ---------------------------------------------------------------------------------------------
-def _global_layer(router) -> int:
-    """1-based layer number as Megatron's metrics tracker counts it: decoder layers, then MTP."""
-    return router.layer_number + (router.config.num_layers if router.is_mtp_layer else 0)
-
-
-def _num_slots(config) -> int:
-    return config.num_layers + (config.mtp_num_layers or 0)
-
-
 def _chunks(model) -> list[torch.nn.Module]:
     return [model] if isinstance(model, torch.nn.Module) else list(model)
 
@@ -228,13 +220,13 @@ class CoactivationRecorder:
                 continue
             self._routers[id(router)] = router
             if router.layer_number is not None and _is_tp_replica(router):
-                self._replica_layers.add(_global_layer(router))
+                self._replica_layers.add(router_slot(router))
             if self._attached:
                 self._hook(router)
         return self
 
     def _set_sizes(self, config) -> None:
-        sizes = (config.num_moe_experts, _num_slots(config))
+        sizes = (config.num_moe_experts, num_layer_slots(config))
         if self.num_experts is not None and (self.num_experts, self.num_slots) != sizes:
             raise ValueError("all models of a recorder must share num experts and layers")
         self.num_experts, self.num_slots = sizes
@@ -280,7 +272,7 @@ class CoactivationRecorder:
         padding_mask = args[1] if len(args) > 1 else kwargs.get("padding_mask")
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1).bool()
-        layer = _global_layer(router)
+        layer = router_slot(router)
         with torch.no_grad():
             counts = coactivation_counts(routing_map, padding_mask)
             valid = routing_map.shape[0]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from megatron_emoe.errors import UsageError
+from megatron_emoe.layers import decoder_moe_layers
 
 MODES = ("topk", "emoe", "mmoe")
 MMOE_SAMPLE_LEVELS = ("step", "layer", "token")
@@ -263,13 +264,6 @@ def _limit_reason(tc) -> str:
             f"{tc.num_moe_experts // tc.moe_router_num_groups} experts"
         )
     return f"num-experts={tc.num_moe_experts}"
-
-
-def decoder_moe_layers(tc) -> list[int]:
-    """1-based numbers of the decoder layers that are MoE, from `moe_layer_freq`."""
-    freq = tc.moe_layer_freq
-    pattern = freq if isinstance(freq, list) else [int(i % freq == 0) for i in range(tc.num_layers)]
-    return [i + 1 for i, is_moe in enumerate(pattern) if is_moe]
 
 
 def _ncclep(tc) -> bool:

@@ -20,6 +20,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_emoe import router_metrics, routing
 from megatron_emoe.config import ElasticMoEConfig, TopP, layer_budget, validate_budget
+from megatron_emoe.layers import layer_slot
 from megatron_emoe.router_metrics import HR_LOSS as HR_LOSS_NAME
 
 
@@ -73,17 +74,15 @@ class ElasticRouter(TopKRouter):
         if self.elastic.mmoe_sample_level == "token":
             budgets = routing.sample_token_budgets(self.mmoe_budgets, num_tokens, device)
             return max(self.mmoe_budgets), self._agree_across_tp(budgets)
-        stream = 0 if self.elastic.mmoe_sample_level == "step" else self._global_layer_number()
+        stream = 0 if self.elastic.mmoe_sample_level == "step" else layer_slot(
+            self.config, self.layer_number or 0, self.is_mtp_layer
+        )
         k = routing.budget_draw(self.mmoe_budgets, self.elastic.mmoe_seed, stream, self.budget_draws)
         # A checkpointed forward runs twice (no-grad, then recompute with grad): advance only on
         # the pass that builds the graph, so both passes draw the same k, exactly once each step.
         if torch.is_grad_enabled():
             self.budget_draws += 1
         return k, None
-
-    def _global_layer_number(self) -> int:
-        number = self.layer_number or 0
-        return number + self.config.num_layers if self.is_mtp_layer else number
 
     # ---------------------------------------------------------------------------------------
     # Routing

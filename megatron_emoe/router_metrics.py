@@ -13,18 +13,11 @@ import torch
 from megatron.core.transformer.moe import moe_logging
 
 from megatron_emoe import routing
+from megatron_emoe.layers import num_layer_slots, router_slot
 
 ENTROPY = "router_entropy"
 IMBALANCE = "expert_load_imbalance"
 HR_LOSS = "hierarchical_router_loss"
-
-
-def _layer_slot(router) -> tuple[int, int]:
-    """(1-based layer number, number of slots) as Megatron's tracker numbers layers, MTP last."""
-    config = router.config
-    num_layers = config.num_layers + (config.mtp_num_layers or 0)
-    layer = router.layer_number + (config.num_layers if router.is_mtp_layer else 0)
-    return layer, num_layers
 
 
 def record(router, logits: torch.Tensor, routing_map: torch.Tensor, entropy=None) -> None:
@@ -32,7 +25,7 @@ def record(router, logits: torch.Tensor, routing_map: torch.Tensor, entropy=None
     `entropy` is the mean router entropy when the router already has it."""
     if router.layer_number is None:
         return
-    layer, num_layers = _layer_slot(router)
+    layer, num_layers = router_slot(router), num_layer_slots(router.config)
     tracker = moe_logging.get_moe_metrics_tracker()
     with torch.no_grad():
         tokens_per_expert = routing_map.sum(dim=0)
