@@ -4,7 +4,8 @@
 imported lazily so that `import megatron_emoe` stays light.
 """
 
-from megatron_emoe.config import ElasticMoEConfig, TopP
+from megatron_emoe.budget import Budget, TopP
+from megatron_emoe.config import ElasticMoEConfig, add_elastic_moe_args, elastic_config_from_args
 
 __version__ = "0.1.0"
 
@@ -12,15 +13,14 @@ _LAZY = {
     "ElasticRouter": "megatron_emoe.router",
     "ElasticMoELayer": "megatron_emoe.layer",
     "with_elastic_router": "megatron_emoe.spec",
-    "set_active_experts": "megatron_emoe.budget",
-    "get_active_experts": "megatron_emoe.budget",
-    "elastic_routers": "megatron_emoe.budget",
-    "add_elastic_moe_args": "megatron_emoe.config",
-    "elastic_config_from_args": "megatron_emoe.config",
+    "set_active_experts": "megatron_emoe.routers",
+    "get_active_experts": "megatron_emoe.routers",
+    "elastic_routers": "megatron_emoe.routers",
     "CoactivationRecorder": "megatron_emoe.coactivation",
 }
 
-__all__ = ["ElasticMoEConfig", "TopP", *_LAZY]
+__all__ = ["Budget", "ElasticMoEConfig", "TopP", "add_elastic_moe_args", "elastic_config_from_args",
+           *_LAZY]
 
 
 def __getattr__(name):

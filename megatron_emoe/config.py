@@ -10,32 +10,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from megatron_emoe.errors import UsageError
-from megatron_emoe.layers import decoder_moe_layers
+from megatron_emoe.budget import (
+    Budget,
+    limit_reason,
+    max_routable_experts,
+    ncclep_dispatcher,
+    takes_per_token_budgets,
+)
 
 MODES = ("topk", "emoe", "mmoe")
 MMOE_SAMPLE_LEVELS = ("step", "layer", "token")
 # Load-balancing types whose losses the elastic router can feed with its own routing map.
 AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 
-
-
-@dataclass(frozen=True)
-class TopP:
-    """Token-adaptive inference budget: each token takes the fewest of its best-ranked experts
-    whose router probability mass reaches `p`, and at most `max_experts`."""
-
-    p: float
-    max_experts: int
-
-    @property
-    def label(self) -> str:
-        return f"top_p{self.p:g}_max{self.max_experts}"
-
-
-Budget = Union[None, int, Sequence[int], TopP]
 
 
 def _flag(name: str, help: str, **argparse_kwargs: Any) -> dict:
@@ -146,6 +136,11 @@ class ElasticMoEConfig:
         high = self.mmoe_k_max if self.mmoe_k_max is not None else topk
         return tuple(range(low, high + 1))
 
+    @property
+    def inference_budget(self) -> Optional[Budget]:
+        """`--moe-active-experts` as a `Budget` (None: the training top-k)."""
+        return Budget.of(self.active_experts, flag="--moe-active-experts")
+
     def max_training_topk(self, topk: int) -> int:
         """The most experts one token can activate in training."""
         return max(self.mmoe_budgets(topk)) if self.mode == "mmoe" else topk
@@ -185,21 +180,21 @@ class ElasticMoEConfig:
             if not topk <= k_ideal <= limit:
                 raise UsageError(
                     f"--emoe-k-ideal must be in [moe-router-topk={topk}, {limit}] "
-                    f"({_limit_reason(tc)}), got {k_ideal}"
+                    f"({limit_reason(tc)}), got {k_ideal}"
                     + ("" if self.k_ideal is not None else " from --emoe-k-ideal-factor")
                 )
         if self.mode == "mmoe":
             self._validate_mmoe(tc)
         if self.mode != "topk":
             self._validate_router_features(tc)
-            if _ncclep(tc):
+            if ncclep_dispatcher(tc):
                 raise UsageError(
                     f"--moe-router-mode {self.mode} varies the experts per token, but "
                     "--moe-flex-dispatcher-backend ncclep sizes its buffers once from the first "
                     "dispatch: use deepep, hybridep or --moe-token-dispatcher-type alltoall"
                 )
         if self.active_experts is not None:
-            validate_budget(self.active_experts, tc, flag="--moe-active-experts")
+            self.inference_budget.validate(tc, flag="--moe-active-experts")
 
     def _validate_mmoe(self, tc) -> None:
         budgets = self.mmoe_budgets(tc.moe_router_topk)
@@ -207,7 +202,7 @@ class ElasticMoEConfig:
         if not budgets or budgets[0] < 1 or budgets[-1] > limit:
             flag = "--mmoe-k-choices" if self.mmoe_k_choices is not None else "--mmoe-k-min/max"
             raise UsageError(
-                f"{flag} must lie in [1, {limit}] ({_limit_reason(tc)}) and not be empty, "
+                f"{flag} must lie in [1, {limit}] ({limit_reason(tc)}) and not be empty, "
                 f"got {list(budgets)}"
             )
         if self.mmoe_sample_level == "token" and not takes_per_token_budgets(tc):
@@ -237,102 +232,6 @@ class ElasticMoEConfig:
                 f"--moe-apply-probs-on-input needs exactly one expert per token, which "
                 f"--moe-router-mode {self.mode} does not keep"
             )
-
-
-def takes_per_token_budgets(tc) -> bool:
-    """Whether the token dispatcher accepts a different number of experts for each token: the
-    dropless alltoall and flex dispatchers need exactly moe-router-topk per token."""
-    dispatcher = tc.moe_token_dispatcher_type
-    if dispatcher == "flex":
-        return False
-    if dispatcher == "alltoall":
-        return tc.moe_expert_capacity_factor is not None or tc.moe_router_padding_for_quantization
-    return True
-
-
-def max_routable_experts(tc) -> int:
-    """The most experts a token can reach: all of them, or those in its groups if group-limited."""
-    if tc.moe_router_num_groups and tc.moe_router_group_topk:
-        return tc.moe_router_group_topk * (tc.num_moe_experts // tc.moe_router_num_groups)
-    return tc.num_moe_experts
-
-
-def _limit_reason(tc) -> str:
-    if tc.moe_router_num_groups and tc.moe_router_group_topk:
-        return (
-            f"moe-router-group-topk={tc.moe_router_group_topk} groups of "
-            f"{tc.num_moe_experts // tc.moe_router_num_groups} experts"
-        )
-    return f"num-experts={tc.num_moe_experts}"
-
-
-def _ncclep(tc) -> bool:
-    return (tc.moe_token_dispatcher_type == "flex"
-            and getattr(tc, "moe_flex_dispatcher_backend", None) == "ncclep")
-
-
-def validate_budget(budget: Budget, tc, flag: str = "active experts") -> Budget:
-    """Check an inference budget k' and return it as None, an int, or a tuple (one per layer).
-
-    Allowed values: 1 <= k' <= num_experts (or the group-limited reach). A list has one entry per
-    MoE decoder layer in layer order, optionally followed by one per MTP layer.
-    """
-    if budget is None:
-        return None
-    if isinstance(budget, TopP):
-        return _validate_top_p(budget, tc, flag)
-    values = [budget] if isinstance(budget, int) else list(budget)
-    if not values or any(isinstance(k, bool) or not isinstance(k, int) for k in values):
-        raise UsageError(f"{flag} must be an int or a list of ints, got {budget!r}")
-    limit = max_routable_experts(tc)
-    if _ncclep(tc):  # buffers sized from the training top-k at the first dispatch
-        limit = min(limit, tc.moe_router_topk)
-    for k in values:
-        if not 1 <= k <= limit:
-            reason = ("the ncclep flex backend cannot grow past the training top-k" if _ncclep(tc)
-                      else _limit_reason(tc))
-            raise UsageError(f"{flag} must be in [1, {limit}] ({reason}), got {k}")
-    if isinstance(budget, int):
-        return budget
-    num_decoder = len(decoder_moe_layers(tc))
-    lengths = sorted({num_decoder, num_decoder + (tc.mtp_num_layers or 0)})
-    if len(values) not in lengths:
-        raise UsageError(
-            f"{flag} per-layer list must have one entry per MoE layer "
-            f"({' or '.join(map(str, lengths))} for this model), got {len(values)}"
-        )
-    return tuple(values)
-
-
-def _validate_top_p(budget: TopP, tc, flag: str) -> TopP:
-    limit = max_routable_experts(tc)
-    if isinstance(budget.p, bool) or not isinstance(budget.p, (int, float)) or not 0 < budget.p <= 1:
-        raise UsageError(f"{flag} top-p must be in (0, 1], got {budget.p!r}")
-    k_max = budget.max_experts
-    if isinstance(k_max, bool) or not isinstance(k_max, int) or not 1 <= k_max <= limit:
-        raise UsageError(
-            f"{flag} top-p max experts must be in [1, {limit}] ({_limit_reason(tc)}), got {k_max!r}"
-        )
-    if not takes_per_token_budgets(tc):
-        raise UsageError(
-            f"{flag} top-p gives each token its own number of experts, which "
-            f"--moe-token-dispatcher-type {tc.moe_token_dispatcher_type} cannot take in dropless "
-            f"mode: build the model with --moe-token-dispatcher-type allgather for top-p budgets"
-        )
-    return TopP(float(budget.p), k_max)
-
-
-def layer_budget(
-    budget: Budget, tc, layer_number: int, is_mtp_layer: bool
-) -> Union[None, int, TopP]:
-    """The budget of one MoE layer; MTP layers without an entry take the last decoder entry."""
-    if budget is None or isinstance(budget, (int, TopP)):
-        return budget
-    decoder = decoder_moe_layers(tc)
-    if not is_mtp_layer:
-        return budget[decoder.index(layer_number)]
-    position = len(decoder) + layer_number - 1
-    return budget[position] if position < len(budget) else budget[len(decoder) - 1]
 
 
 # ---------------------------------------------------------------------------------------------

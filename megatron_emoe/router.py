@@ -19,7 +19,8 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_emoe import router_metrics, routing
-from megatron_emoe.config import ElasticMoEConfig, TopP, layer_budget, validate_budget
+from megatron_emoe.budget import Budget, BudgetLike, TopP
+from megatron_emoe.config import ElasticMoEConfig
 from megatron_emoe.layers import layer_slot
 from megatron_emoe.router_metrics import HR_LOSS as HR_LOSS_NAME
 
@@ -41,9 +42,9 @@ class ElasticRouter(TopKRouter):
         self.train_topk = config.moe_router_topk
         self.k_ideal = elastic.resolved_k_ideal(self.train_topk)
         self.mmoe_budgets = elastic.mmoe_budgets(self.train_topk)
-        # Eval-time budget k' of the whole model (None, int, per-layer tuple or `TopP`); see
+        # Eval-time budget k' of the whole model (None: the training top-k); see
         # `active_topk`.
-        self.budget = elastic.active_experts
+        self.budget: Optional[Budget] = elastic.inference_budget
         # Experts per token the dispatcher must expect for the current forward (max if per-token).
         self.dispatch_topk: int = self.train_topk
         # Count of M-MoE step/layer budget draws; advanced once per forward, not on recompute.
@@ -54,14 +55,17 @@ class ElasticRouter(TopKRouter):
     # ---------------------------------------------------------------------------------------
     # Budget
     # ---------------------------------------------------------------------------------------
-    def set_budget(self, budget) -> None:
-        """Set the model's eval-time budget (None, int, or one per MoE layer); None = training k."""
-        self.budget = validate_budget(budget, self.config)
+    def set_budget(self, budget: BudgetLike) -> None:
+        """Set the model's eval-time budget (see `Budget.of`); None = training k."""
+        budget = Budget.of(budget)
+        self.budget = None if budget is None else budget.validate(self.config)
 
     @property
     def active_topk(self) -> Union[None, int, TopP]:
         """This layer's eval-time k' (or token-adaptive `TopP`), None for the training top-k."""
-        return layer_budget(self.budget, self.config, self.layer_number, self.is_mtp_layer)
+        if self.budget is None:
+            return None
+        return self.budget.for_layer(self.config, self.layer_number, self.is_mtp_layer)
 
     def _plan(
         self, num_tokens: int, device, eval_topk: Optional[int]

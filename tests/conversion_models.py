@@ -96,7 +96,7 @@ def megatron_logits(checkpoint: str, ids: torch.Tensor, k: int | None = None,
 def _megatron_logits_rank(rank, checkpoint, ids, k, tp, ep, out):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_emoe.budget import set_active_experts
+    from megatron_emoe.routers import set_active_experts
     from megatron_emoe.runtime.model import loaded_model
 
     with loaded_model(checkpoint, tp=tp, ep=ep) as model:

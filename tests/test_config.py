@@ -2,13 +2,14 @@
 
 import argparse
 import dataclasses
+import json
 import functools
 
 import pytest
 
 import builders
 from megatron_emoe import ElasticMoEConfig, add_elastic_moe_args, elastic_config_from_args
-from megatron_emoe.config import validate_budget
+from megatron_emoe.budget import Budget
 
 
 def config(**overrides):
@@ -83,17 +84,21 @@ def test_valid_combinations_pass():
 
 def test_budget_lists_may_cover_mtp_layers():
     tc = config(mtp_num_layers=1)
-    assert validate_budget((1, 2, 3), tc) == (1, 2, 3)
-    assert validate_budget((1, 2), tc) == (1, 2)
+    assert Budget((1, 2, 3)).validate(tc) == Budget((1, 2, 3))
+    assert Budget((1, 2)).validate(tc) == Budget((1, 2))
     with pytest.raises(ValueError, match=r"\(2 or 3 for this model\)"):
-        validate_budget((1, 2, 3, 4), tc)
+        Budget((1, 2, 3, 4)).validate(tc)
+    # MTP layers take their own entry, or the last decoder layer's when the list has none.
+    assert Budget((1, 2, 3)).for_layer(tc, 1, is_mtp_layer=True) == 3
+    assert Budget((1, 2)).for_layer(tc, 1, is_mtp_layer=True) == 2
+    assert Budget((1, 2)).for_layer(tc, 2, is_mtp_layer=False) == 2
 
 
 def test_top_p_budgets_are_validated():
     from megatron_emoe import TopP
 
     tc = config(moe_token_dispatcher_type="allgather")
-    assert validate_budget(TopP(0.5, 4), tc) == TopP(0.5, 4)
+    assert Budget(TopP(0.5, 4)).validate(tc) == Budget(TopP(0.5, 4))
     for bad, message in [
         (TopP(0.0, 4), r"top-p must be in \(0, 1\], got 0.0"),
         (TopP(1.5, 4), r"top-p must be in \(0, 1\]"),
@@ -101,9 +106,25 @@ def test_top_p_budgets_are_validated():
         (TopP(0.5, 0), r"top-p max experts must be in \[1, 8\]"),
     ]:
         with pytest.raises(ValueError, match=message):
-            validate_budget(bad, tc, flag="--top-p")
+            Budget(bad).validate(tc, flag="--top-p")
     with pytest.raises(ValueError, match="--moe-token-dispatcher-type alltoall.*allgather"):
-        validate_budget(TopP(0.5, 4), config())  # dropless alltoall: exactly top-k per token
+        Budget(TopP(0.5, 4)).validate(config())  # dropless alltoall: exactly top-k per token
+
+
+def test_budget_parse_label_json_round_trip():
+    from megatron_emoe import TopP
+
+    for budget in (Budget(2), Budget((1, 2, 4, 4)), Budget(TopP(0.5, 4))):
+        assert Budget.parse(budget.label) == budget
+        assert Budget.from_json(json.loads(json.dumps(budget.to_json()))) == budget
+    assert Budget.parse("1,2,4,4") == Budget((1, 2, 4, 4)) and Budget.parse(" 3 ") == Budget(3)
+    assert Budget.parse("") is None and Budget.parse("default") is None and Budget.of(None) is None
+    assert Budget.of([3]) == Budget(3) and Budget.of(Budget(3)) == Budget(3)
+    for bad in ("two", "1-x", "top_p", True, 1.5, [1, 2.5], [], "1.5"):
+        with pytest.raises(ValueError, match="--layer-budgets"):
+            Budget.parse(bad, flag="--layer-budgets")
+    with pytest.raises(ValueError, match="top_p and max_experts"):
+        Budget.from_json({"top_p": 0.5})
 
 
 def test_derived_values():
@@ -220,9 +241,9 @@ def test_ncclep_flex_backend_refuses_varying_experts_per_token():
     with pytest.raises(ValueError, match="ncclep"):
         ElasticMoEConfig(mode="emoe").validate(tc)
     ElasticMoEConfig(mode="topk").validate(tc)
-    assert validate_budget(1, tc) == 1
+    assert Budget(1).validate(tc) == Budget(1)
     with pytest.raises(ValueError, match=r"\[1, 2\].*ncclep"):
-        validate_budget(3, tc)
+        Budget(3).validate(tc)
 
 
 def test_inference_router_spec_is_refused():

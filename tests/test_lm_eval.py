@@ -7,19 +7,20 @@ real training entry on a small default-data build; tolerances are fp32 (1e-5 on 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 
+from megatron_emoe.budget import Budget
+from megatron_emoe.cli.lm_eval_emoe import main as cli_main
 from megatron_emoe.evaluation.lm_eval_adapter import (
     MegatronEMoELM,
     evaluate_budgets,
-    parse_budget,
     task_manager,
     unknown_tasks,
 )
-from megatron_emoe.cli.lm_eval_emoe import main as cli_main
 from tests.training_runs import usage_error
 
 TOLERANCE = 1e-5
@@ -78,11 +79,12 @@ def test_shipped_task_loads_offline_from_any_directory(offline, tmp_path, monkey
 
 
 def test_budget_model_arg_parsing():
-    assert parse_budget(2) == 2 and parse_budget("3") == 3 and parse_budget(None) is None
-    assert parse_budget("1-2-4") == (1, 2, 4) and parse_budget([2, 1]) == (2, 1)
+    parse = functools.partial(Budget.parse, flag="active_experts")
+    assert parse(2) == Budget(2) and parse("3") == Budget(3) and parse(None) is None
+    assert parse("1-2-4") == Budget((1, 2, 4)) and parse([2, 1]) == Budget((2, 1))
     for bad in ("two", "1-x", True, "1.5", 1.5, [1, 2.5]):
         with pytest.raises(ValueError, match="active_experts"):
-            parse_budget(bad)
+            parse(bad)
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -122,7 +124,7 @@ def greedy_text(model, vocab: int, tokenizer, context: list[int], steps: int) ->
 def _adapter_matches_logits(rank, load):
     from lm_eval.api.instance import Instance
 
-    from megatron_emoe.budget import get_active_experts
+    from megatron_emoe.routers import get_active_experts
 
     lm = MegatronEMoELM(load=load, active_experts=1, batch_size=3)
     tok, vocab, eos = lm.tokenizer, lm.vocab_size, lm.eot_token_id
@@ -169,7 +171,7 @@ def _adapter_matches_logits(rank, load):
 
     # the budget took effect: every score moved
     assert all(abs(a - b) > 1e-6 for a, b in zip(scores[1], scores[2])), scores
-    assert lm.set_budget("1-2") == (1, 2) and get_active_experts(lm.model) == [1, 2]
+    assert lm.set_budget("1-2") == Budget((1, 2)) and get_active_experts(lm.model) == [1, 2]
     with pytest.raises(ValueError, match=r"\[1, 4\]"):
         lm.set_budget(5)
 

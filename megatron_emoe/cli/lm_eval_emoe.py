@@ -19,7 +19,8 @@ import os
 import sys
 from importlib.metadata import version
 
-from megatron_emoe.config import decoder_moe_layers, validate_budget
+from megatron_emoe.budget import Budget
+from megatron_emoe.layers import decoder_moe_layers
 from megatron_emoe.errors import ArgumentParser, UsageError, exits_on_usage_error
 from megatron_emoe.evaluation.lm_eval_adapter import (
     MegatronEMoELM,
@@ -69,7 +70,7 @@ def check(args: argparse.Namespace):
     budgets = []
     for flag, values in [("--budgets", [k]) for k in args.budgets] + \
                         [("--active-experts", ks) for ks in args.active_experts]:
-        budgets.append(validate_budget(values[0] if len(values) == 1 else values, config, flag=flag))
+        budgets.append(Budget.of(values, flag=flag).validate(config, flag=flag))
     tokenizer = args.tokenizer_model or saved.tokenizer_model
     if not tokenizer or not os.path.isdir(tokenizer):
         raise UsageError(f"--tokenizer-model {tokenizer}: not a tokenizer folder"

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
-from megatron_emoe.config import max_routable_experts, validate_budget
+from megatron_emoe.budget import Budget, max_routable_experts
 from megatron_emoe.errors import ArgumentParser, UsageError, exits_on_usage_error
 from megatron_emoe.evaluation.allocation import (
     COST_RTOL, GREEDY_STARTS, Allocation, Evaluation, search_allocation, validate_search,
@@ -140,8 +140,8 @@ def plan_search(settings: SearchSettings, tc, layer_cost: Sequence[float]) -> Se
     flags); `ValueError` names the flag that does not fit it and the allowed range."""
     k_min = settings.min_active_experts
     k_max = settings.max_active_experts or min(3 * tc.moe_router_topk, max_routable_experts(tc))
-    validate_budget(k_min, tc, flag="--min-active-experts")
-    validate_budget(k_max, tc, flag="--max-active-experts")
+    Budget(k_min).validate(tc, flag="--min-active-experts")
+    Budget(k_max).validate(tc, flag="--max-active-experts")
     if k_max < k_min:  # only with the default --max-active-experts
         raise UsageError(f"--min-active-experts must be <= --max-active-experts ({k_max} by "
                          f"default for this checkpoint), got {k_min}")

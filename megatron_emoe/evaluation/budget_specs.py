@@ -8,30 +8,24 @@ import json
 import os
 from typing import Optional, Sequence
 
-from megatron_emoe.config import Budget, TopP, validate_budget
+from megatron_emoe.budget import Budget, TopP
 from megatron_emoe.errors import UsageError
 from megatron_emoe.runtime.checkpoints import checkpoint_config
 
 
-def parse_layer_budget(text: str, flag: str = "--layer-budgets") -> tuple[int, ...]:
-    """"1-2-4-4" or "1,2,4,4" -> (1, 2, 4, 4)."""
-    parts = text.replace(",", "-").split("-")
-    try:
-        return tuple(int(part) for part in parts)
-    except ValueError:
-        raise UsageError(f"{flag} takes per-layer budgets like 1-2-4-4, got {text!r}") from None
-
-
-def read_allocation(path: str) -> tuple[int, ...]:
-    """The per-layer allocation written by tools/search_budget_allocation.py."""
+def read_allocation(path: str) -> Budget:
+    """The per-layer allocation written by emoe-search-budget-allocation (its "allocation" list)."""
     if not os.path.isfile(path):
         raise UsageError(f"--allocation {path} not found")
-    with open(path) as f:
-        record = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"--allocation {path} is not valid JSON ({error})") from None
     allocation = record.get("allocation") if isinstance(record, dict) else None
     if not isinstance(allocation, list):
         raise UsageError(f"--allocation {path} has no 'allocation' list")
-    return tuple(int(k) for k in allocation)
+    return Budget.of(allocation, flag=f"--allocation {path}")
 
 
 def default_budgets(saved: argparse.Namespace) -> list[int]:
@@ -48,22 +42,22 @@ def collect(
     top_p_max_experts: Optional[int] = None,
     dispatcher: Optional[str] = None,
 ) -> list[Budget]:
-    """Every budget to evaluate, validated (ValueError naming the flag and the allowed range)."""
+    """Every budget to evaluate, validated (UsageError naming the flag and the allowed range)."""
     config = checkpoint_config(saved, dispatcher)
     result: list[Budget] = []
     for k in (default_budgets(saved) if budgets is None else budgets):
-        result.append(validate_budget(int(k), config, flag="--budgets"))
+        result.append(Budget(int(k)).validate(config, flag="--budgets"))
     for text in layer_budgets:
-        result.append(validate_budget(parse_layer_budget(text), config, flag="--layer-budgets"))
+        result.append(Budget.parse(text, flag="--layer-budgets").validate(config, flag="--layer-budgets"))
     if allocation:
-        result.append(validate_budget(read_allocation(allocation), config, flag="--allocation"))
+        result.append(read_allocation(allocation).validate(config, flag="--allocation"))
     if top_p:
         cap = top_p_max_experts or min(3 * saved.moe_router_topk, saved.num_experts)
         # Top-p needs a dispatcher that takes per-token budgets; the evaluator switches dropless
         # alltoall to allgather unless --moe-token-dispatcher-type was given.
         top_p_config = checkpoint_config(saved, dispatcher or "allgather")
         for p in top_p:
-            result.append(validate_budget(TopP(float(p), cap), top_p_config, flag="--top-p"))
+            result.append(Budget(TopP(float(p), cap)).validate(top_p_config, flag="--top-p"))
     if not result:
         raise UsageError("nothing to evaluate: give --budgets, --layer-budgets, --allocation or --top-p")
     return result

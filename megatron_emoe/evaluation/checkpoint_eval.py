@@ -21,7 +21,8 @@ from typing import Callable, Iterator, Optional
 import torch
 from megatron.core.utils import get_model_config
 
-from megatron_emoe.config import Budget, TopP, decoder_moe_layers, takes_per_token_budgets
+from megatron_emoe.budget import Budget, BudgetLike, planned_experts, takes_per_token_budgets
+from megatron_emoe.layers import decoder_moe_layers
 from megatron_emoe.errors import UsageError
 from megatron_emoe.runtime.checkpoints import args_from_checkpoint, checkpoint_args, latest_checkpoint_name
 from megatron_emoe.runtime.data import validation_iterator_factory
@@ -30,7 +31,6 @@ from megatron_emoe.runtime.evaluate import (
     evaluate_at_budget,
     expert_flops,
     layer_expert_flops,
-    planned_experts,
 )
 from megatron_emoe.runtime.launch import run_gloo
 from megatron_emoe.runtime.model import build_model, load, megatron_globals
@@ -166,11 +166,11 @@ class CheckpointEvaluator:
         """Forward FLOPs per token of ONE active routed expert in each MoE decoder layer."""
         return layer_expert_flops(self.config)
 
-    def expert_flops(self, budget: Budget) -> float:
+    def expert_flops(self, budget: BudgetLike) -> float:
         """Routed-expert forward FLOPs per token of a fixed budget, without running the model."""
-        return expert_flops(self.config, planned_experts(self.config, budget))
+        return expert_flops(self.config, planned_experts(self.config, Budget.of(budget)))
 
-    def evaluate(self, budget: Budget) -> BudgetResult:
+    def evaluate(self, budget: BudgetLike) -> BudgetResult:
         """Validation loss and realised experts per token at `budget` (int, per-layer, `TopP`)."""
         return evaluate_at_budget(
             self.model, budget, self._make_iterator, coactivation_dir=self.options.coactivation_dir
@@ -240,4 +240,4 @@ def run_on_ranks(options: EvalOptions, fn: Callable, *fn_args, top_p: bool = Fal
 
 def needs_top_p(budgets) -> bool:
     """Whether any budget is token-adaptive (the model then needs a dispatcher that takes it)."""
-    return any(isinstance(budget, TopP) for budget in budgets)
+    return any(budget is not None and Budget.of(budget).is_top_p for budget in budgets)

@@ -36,38 +36,15 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from megatron_emoe.budget import set_active_experts
-from megatron_emoe.config import Budget
+from megatron_emoe import budget as budgets
+from megatron_emoe.budget import Budget, BudgetLike
 from megatron_emoe.errors import UsageError
 from megatron_emoe.runtime.checkpoints import checkpoint_args, latest_checkpoint_name
-from megatron_emoe.runtime.evaluate import budget_json, budget_label
 from megatron_emoe.runtime.launch import megatron_session
 from megatron_emoe.runtime.model import loaded_model
+from megatron_emoe.routers import set_active_experts
 
 TASKS_DIR = Path(__file__).resolve().with_name("tasks")  # the shipped local tasks (emoe_mc)
-
-
-# ---------------------------------------------------------------------- budgets ----------
-def parse_budget(value) -> Budget:
-    """A budget from model args or flags: 2, "2", "1-2-3" or [1, 2, 3] (per layer), None / "".
-
-    Raises ValueError for anything that is not whole numbers; the range is checked against the
-    model by `validate_budget` / `set_active_experts`.
-    """
-    if value is None or value == "":
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    parts = value.split("-") if isinstance(value, str) else value
-    try:
-        if not isinstance(parts, (list, tuple)) or any(isinstance(p, (bool, float)) for p in parts):
-            raise ValueError
-        values = [int(str(part).strip()) for part in parts]
-    except ValueError:
-        raise UsageError(
-            f"active_experts must be an int or a hyphen-separated list such as 1-2-4, got {value!r}"
-        ) from None
-    return values[0] if len(values) == 1 else tuple(values)
 
 
 # ---------------------------------------------------------------------- process state ----
@@ -139,10 +116,10 @@ class MegatronEMoELM(TemplateLM):
         except Exception:
             pass
 
-    def set_budget(self, active_experts) -> Budget:
+    def set_budget(self, active_experts: BudgetLike | str) -> Budget | None:
         """Route each token to k' experts from now on: an int, "1-2-3" / a list per MoE layer, or
         None (training top-k). Raises ValueError naming the allowed range."""
-        budget = parse_budget(active_experts)
+        budget = Budget.parse(active_experts, flag="active_experts")
         set_active_experts(self.model, budget)
         self.active_experts = budget
         return budget
@@ -175,7 +152,7 @@ class MegatronEMoELM(TemplateLM):
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
     def get_model_info(self) -> dict:
-        return {"load": self.load, "active_experts": budget_json(self.active_experts)}
+        return {"load": self.load, "active_experts": budgets.to_json(self.active_experts)}
 
     # -- scoring ----------------------------------------------------------------------------
     def logits(self, rows: list[list[int]]) -> torch.Tensor:
@@ -297,7 +274,7 @@ def unknown_tasks(manager, tasks: Iterable[str]) -> list[str]:
     return [name for name in tasks if not manager.match_tasks([name])]
 
 
-def evaluate_budgets(lm: MegatronEMoELM, budgets: Iterable[Budget], tasks: list[str], manager,
+def evaluate_budgets(lm: MegatronEMoELM, budget_list: Iterable[BudgetLike], tasks: list[str], manager,
                      log=print, **evaluate_kwargs) -> list[dict]:
     """Run `tasks` with lm-eval's `simple_evaluate` at each budget in turn (one loaded model).
 
@@ -305,8 +282,8 @@ def evaluate_budgets(lm: MegatronEMoELM, budgets: Iterable[Budget], tasks: list[
     "seconds"}. `evaluate_kwargs` go to `simple_evaluate` (limit, num_fewshot, ...).
     """
     runs = []
-    for budget in budgets:
-        label = budget_label(lm.set_budget(budget))
+    for budget in budget_list:
+        label = budgets.label(lm.set_budget(budget))
         log(f"[lm-eval] active experts {label}: {', '.join(tasks)}")
         started = time.perf_counter()
         output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,

@@ -15,9 +15,11 @@ from typing import Callable, Iterator, Optional, Sequence
 from megatron.core.utils import get_model_config
 from megatron.training.training import evaluate
 
+from megatron_emoe import budget as budgets
 from megatron_emoe import coactivation
-from megatron_emoe.budget import active_experts
-from megatron_emoe.config import Budget, TopP, decoder_moe_layers
+from megatron_emoe.budget import Budget, BudgetLike
+from megatron_emoe.layers import decoder_moe_layers
+from megatron_emoe.routers import active_experts
 from megatron_emoe.runtime.step import forward_step as default_forward_step
 
 
@@ -38,24 +40,6 @@ class BudgetResult:
         return dataclasses.asdict(self)
 
 
-def budget_label(budget: Budget) -> str:
-    """Short text for a budget, as used in tables, file names and JSON keys."""
-    if budget is None:
-        return "default"  # the training top-k
-    if isinstance(budget, TopP):
-        return budget.label
-    if isinstance(budget, (list, tuple)):
-        return "-".join(str(int(k)) for k in budget)
-    return str(budget)
-
-
-def budget_json(budget: Budget):
-    """A budget as JSON data: an int, a list (one per MoE layer) or {"top_p", "max_experts"}."""
-    if isinstance(budget, TopP):
-        return {"top_p": budget.p, "max_experts": budget.max_experts}
-    return list(budget) if isinstance(budget, (list, tuple)) else budget
-
-
 def layer_expert_flops(config) -> list[float]:
     """Forward FLOPs per token of one active routed expert, for each MoE decoder layer: two
     (three when gated, e.g. SwiGLU) matmuls of hidden x moe-ffn-hidden, at 2 FLOPs per MAC."""
@@ -73,25 +57,16 @@ def expert_flops(config, experts_per_layer: Sequence[float]) -> float:
     return float(sum(k * c for k, c in zip(experts_per_layer, costs)))
 
 
-def planned_experts(config, budget: Budget) -> list[int]:
-    """Experts per token in each MoE decoder layer for a fixed budget (None = training top-k)."""
-    layers = len(decoder_moe_layers(config))
-    if budget is None or isinstance(budget, int):
-        return [budget or config.moe_router_topk] * layers
-    if isinstance(budget, TopP):
-        raise ValueError("a top-p budget's experts per token are known only after evaluating it")
-    return [int(k) for k in budget[:layers]]
-
-
 def evaluate_at_budget(
     model: list,
-    budget: Budget,
+    budget: BudgetLike,
     make_iterator: Callable[[], Iterator],
     forward_step: Callable = default_forward_step,
     coactivation_dir: Optional[str] = None,
 ) -> BudgetResult:
     """Megatron's `evaluate` over the batches of `make_iterator()` with `budget` set on every
     elastic router (restored after); optionally saves that budget's co-activation matrices."""
+    budget = Budget.of(budget)
     config = get_model_config(model[0])
     with active_experts(model, budget), coactivation.CoactivationRecorder(
         model, phase="eval", entropy=coactivation_dir is not None
@@ -100,7 +75,7 @@ def evaluate_at_budget(
     stats = recorder.reduce()
     if coactivation_dir is not None:
         coactivation.write_reduced(
-            stats, coactivation_dir, coactivation.eval_tag(budget), budget=budget_json(budget)
+            stats, coactivation_dir, coactivation.eval_tag(budget.value), budget=budget.to_json()
         )
     decoder = [n for n in decoder_moe_layers(config) if n in stats.counts]
     per_layer = [
@@ -108,8 +83,8 @@ def evaluate_at_budget(
     ]
     loss = float(loss_dict["lm loss"])
     return BudgetResult(
-        label=budget_label(budget),
-        budget=budget_json(budget),
+        label=budgets.label(budget),
+        budget=budgets.to_json(budget),
         val_loss=loss,
         perplexity=math.exp(min(loss, 50.0)),
         routed_tokens=int(stats.tokens[decoder[0]]) if decoder else 0,

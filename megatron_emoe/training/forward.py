@@ -7,7 +7,7 @@ from typing import Optional
 
 from megatron.training import get_args
 
-from megatron_emoe.budget import elastic_routers
+from megatron_emoe.routers import elastic_routers
 from megatron_emoe.coactivation import TrainingCollector
 from megatron_emoe.runtime.step import forward_step
 

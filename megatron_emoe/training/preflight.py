@@ -6,7 +6,8 @@ import os
 
 from megatron.training.arguments import core_transformer_config_from_args
 
-from megatron_emoe.config import elastic_config_from_args, validate_budget
+from megatron_emoe.budget import Budget
+from megatron_emoe.config import elastic_config_from_args
 from megatron_emoe.data.checks import check_data_prefixes
 from megatron_emoe.errors import UsageError
 from megatron_emoe.runtime.checkpoints import checkpoint_args, latest_iteration
@@ -103,7 +104,7 @@ def check_routing(args) -> None:
     config = core_transformer_config_from_args(args)
     elastic_config_from_args(args, config)
     for k in args.elastic_eval_budgets or ():
-        validate_budget(k, config, flag=f"--elastic-eval-budgets {k}:")
+        Budget(k).validate(config, flag=f"--elastic-eval-budgets {k}:")
 
 
 def check_before_parsing_done(args) -> None:
