@@ -379,7 +379,7 @@ def test_packed_sft_dataset_needs_the_loss_mask(tmp_path, tokenizer_dir, megatro
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS])
     prefix, _ = run(tmp_path, tokenizer_dir, [path])
     config = gpt_config(megatron_tokenizer, prefix + "_text_document", tmp_path / "cache", 8)
-    with pytest.raises(ValueError, match=r"--sft-packed: no loss mask .*_lossmask.*preprocess_data.py --sft"):
+    with pytest.raises(ValueError, match=r"--sft-packed: no loss mask .*_lossmask.*emoe-preprocess-data --sft"):
         build_train(PackedSFTDataset, config)
 
 
@@ -463,7 +463,10 @@ def test_existing_output_is_refused_and_left_untouched(tmp_path, tokenizer_dir, 
     assert [p.name for p in outputs] == ["out.json", "out_text_document.bin", "out_text_document.idx"]
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs}
     line = cli_error(capsys, main, ["--input", second, *argv])
-    assert re.fullmatch(r"emoe-preprocess-data: error: output already exists: .*out_text_document.bin.*pass --overwrite", line)
+    assert re.fullmatch(
+        r"emoe-preprocess-data: error: output already exists: .*out_text_document.bin.*; pass --overwrite to replace it",
+        line,
+    )
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs} == before
     (tmp_path / "out_text_document" / "cache").mkdir(parents=True)  # Megatron's index cache
     assert main(["--input", second, *argv, "--overwrite"]) == 0
@@ -497,16 +500,17 @@ def test_interrupted_write_leaves_nothing_under_final_names(tmp_path, tokenizer_
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b'{"text": "a"}\n\n{"text": oops}\n{"text": "b"}\n', r"line 3 is not valid JSON \(Expecting value at column 10\)"),
-        (b'{"text": "a"}\n{"text": "b"}\n["not", "an", "object"]\n', r"line 3 is a JSON array, not an object"),
-        (b'{"text": "a"}\n{"text": "caf\xe9"}\n', r"is not UTF-8 text: line 2, byte offset 24 is b'\\xe9'"),
+        (b'{"text": "a"}\n\n{"text": oops}\n{"text": "b"}\n',
+         r"line 153 is not valid JSON \(Expecting value at column 10\)"),
+        (b'{"text": "a"}\n{"text": "b"}\n["not", "an", "object"]\n', r"line 153 is a JSON array, not an object"),
+        (b'{"text": "a"}\n{"text": "caf\xe9"}\n', r"is not UTF-8 text: line 152, byte offset 2277 is b'\\xe9'"),
     ],
     ids=["bad-json", "not-an-object", "not-utf8"],
 )
 def test_cli_names_the_file_and_line_of_bad_jsonl(tmp_path, tokenizer_dir, capsys, content, message):
     (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n')
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(content)
+    bad.write_bytes(b'{"text": "ok"}\n' * 150 + content)  # past the records read to find the columns
     argv = ["--input", str(tmp_path / "good.jsonl"), str(bad), "--output-prefix", str(tmp_path / "out"),
             "--tokenizer-model", tokenizer_dir, "--no-progress"]
     line = cli_error(capsys, preprocess_cli(), argv)
@@ -521,7 +525,7 @@ def test_non_utf8_text_and_compressed_jsonl_are_named(tmp_path, tokenizer_dir):
 
     text = tmp_path / "latin1.txt"
     text.write_bytes("first line\nsecond: café\n".encode("latin-1"))
-    with pytest.raises(UsageError, match=rf"--input: {re.escape(str(text))} is not UTF-8 text: line 2, byte offset 19"):
+    with pytest.raises(UsageError, match=rf"--input: {re.escape(str(text))} is not UTF-8 text: line 2, byte offset 22"):
         run(tmp_path, tokenizer_dir, [text])
     packed = tmp_path / "a.jsonl.gz"
     packed.write_bytes(gzip.compress(b'{"text": "a"}\n{"text": \n'))
@@ -587,7 +591,8 @@ def test_strict_refuses_records_lacking_a_key(tmp_path, tokenizer_dir, capsys, f
     chats = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "x"},
                                                              {"role": "assistant", "content": "y"}]},
                                                {"messages": None}])
-    with pytest.raises(ValueError, match=r"--strict: 1 of 2 records lack the messages column 'messages' .* line 2"):
+    message = r"--strict: 1 of 2 records lack the messages column 'messages' .*c\.jsonl: 1 \(line 2\)"
+    with pytest.raises(ValueError, match=message):
         run(tmp_path, tokenizer_dir, [chats], sft=True, strict=True)
 
 
@@ -669,7 +674,7 @@ def test_check_data_prefixes(tmp_path, tokenizer_dir, hf):
         check_data_prefixes([pre], tokenizer_vocab_size=largest, sft=False)
 
     os.remove(sft + "_lossmask.idx")
-    with pytest.raises(ValueError, match=r"missing SFT loss mask \(--sft-packed\) file .*_lossmask.idx .*preprocess_data.py --sft"):
+    with pytest.raises(ValueError, match=r"missing SFT loss mask \(--sft-packed\) file .*_lossmask.idx .*emoe-preprocess-data --sft"):
         check_data_prefixes([sft], tokenizer_vocab_size=vocab, sft=True)
 
 

@@ -31,7 +31,7 @@ def check_data_prefixes(
             if not numpy.array_equal(sequence_lengths(prefix), sequence_lengths(prefix + LOSS_MASK_SUFFIX)):
                 raise ValueError(
                     f"{flag}: {prefix}{LOSS_MASK_SUFFIX} does not match {prefix} document for document; "
-                    "re-run tools/preprocess_data.py --sft"
+                    "re-run emoe-preprocess-data --sft"
                 )
         _check_vocab(prefix, tokenizer_vocab_size, flag)
 
@@ -54,7 +54,7 @@ def max_token_id(prefix: str) -> int:
 def _check_files(prefix: str, flag: str, what: str) -> None:
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(prefix + suffix):
-            hint = "write it with tools/preprocess_data.py" + (" --sft" if "SFT" in what else "")
+            hint = "write it with emoe-preprocess-data" + (" --sft" if "SFT" in what else "")
             raise ValueError(f"{flag}: missing {what} file {prefix}{suffix} ({hint})")
 
 

@@ -27,7 +27,7 @@ from megatron_emoe.data.sidecar import write_json_atomic
 from megatron_emoe.errors import UsageError
 
 BUILDER = "megatron-emoe default data"
-VERSION = 1  # bump whenever the builder would write different bytes for the same inputs
+VERSION = 2  # bump whenever the builder would write different bytes for the same inputs
 ENV_VAR = "MEGATRON_EMOE_DATA"
 DEFAULT_CORPUS_BYTES = 8_000_000
 DEFAULT_VOCAB_SIZE = 4096

@@ -139,7 +139,7 @@ def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
         try:
             record = json.loads(text)
         except ValueError as error:
-            reason = f"{error.msg} at column {error.colno}" if isinstance(error, json.JSONDecodeError) else error
+            reason = f"{error.msg} at column {error.pos + 1}" if isinstance(error, json.JSONDecodeError) else error
             raise UsageError(
                 f"--input: {path} line {number} is not valid JSON ({reason}); "
                 "JSON Lines hold one JSON object per line"

@@ -217,7 +217,9 @@ def missing_summary(sidecar: dict) -> str | None:
     parts = []
     for key, counts in sidecar["datasets"].items():
         if counts.get("skipped_missing"):
-            what = f"the conversation ({counts['conversation']})" if "conversation" in counts else f"--json-keys {key!r}"
+            what = f"--json-keys {key!r}"
+            if "conversation" in counts:
+                what = f"the conversation columns {counts['conversation']}"
             parts.append(f"{counts['skipped_missing']} of {sidecar['num_records']} records lack {what}")
     if not parts:
         return None
@@ -235,8 +237,10 @@ def _usage_errors() -> Iterator[None]:
         raise UsageError(str(error)) from error
 
 
-def _needed_columns(config: PreprocessConfig, fields: chat.ConversationFields | None) -> dict[str, tuple[str, list[str]]]:
-    """Per output dataset: how to name what a record needs, and the columns that must be present (non-null)."""
+def _needed_columns(
+    config: PreprocessConfig, fields: chat.ConversationFields | None
+) -> dict[str, tuple[str, list[str]]]:
+    """Per output dataset: how to name what a record needs, and the columns it needs (present, not null)."""
     if not config.sft:
         return {key: (f"--json-keys {key!r}", [key]) for key in config.json_keys}
     if fields.messages:
@@ -273,7 +277,8 @@ def _missing_message(run: _Plan, needs: dict, missing: dict[str, int], total: in
             if located is None:
                 unknown.append(path)
             elif located[0]:
-                found.append(f"{path}: {located[0]} ({', '.join(located[1])}{', ...' if located[0] > len(located[1]) else ''})")
+                places = ", ".join(located[1]) + (", ..." if located[0] > len(located[1]) else "")
+                found.append(f"{path}: {located[0]} ({places})")
         where = found[:show_files] + ([f"{len(found) - show_files} more files"] if len(found) > show_files else [])
         if unknown:
             where.append(f"maybe in {', '.join(unknown)}")

@@ -1,7 +1,7 @@
 """`PackedSFTDataset`: GPTDataset's packed sequences whose loss mask keeps only response tokens.
 
 Documents are packed exactly as GPTDataset packs them (its document/sample/shuffle indices); the
-uint8 `<prefix>_lossmask` dataset written by `tools/preprocess_data.py --sft` is read at the same
+uint8 `<prefix>_lossmask` dataset written by `emoe-preprocess-data --sft` is read at the same
 documents and offsets, and `loss_mask[i]` becomes GPTDataset's mask times the response mask of
 `labels[i]` (token i+1 of the sample).
 """
@@ -39,13 +39,13 @@ class PackedSFTDataset(GPTDataset):
         if not IndexedDataset.exists(prefix):
             raise ValueError(
                 f"--sft-packed: no loss mask {prefix}.bin/.idx next to {tokens.path_prefix}; "
-                "write the data with tools/preprocess_data.py --sft"
+                "write the data with emoe-preprocess-data --sft"
             )
         masks = IndexedDataset(prefix, multimodal=False, mmap=config.mmap_bin_files)
         if not numpy.array_equal(masks.sequence_lengths, tokens.sequence_lengths):
             raise ValueError(
                 f"--sft-packed: {prefix} does not match {tokens.path_prefix} document for document; "
-                "re-run tools/preprocess_data.py --sft"
+                "re-run emoe-preprocess-data --sft"
             )
         return masks
 

@@ -50,7 +50,7 @@ def special_token_ids(tokenizer, tokens, flag: str = FLAG) -> dict[str, int]:
     if missing:
         raise ValueError(
             f"{flag}: the tokenizer lacks the special token(s) {', '.join(missing)} that the SFT "
-            "template uses; use a tokenizer that has them (e.g. tools/build_default_data.py's)"
+            "template uses; use a tokenizer that has them (e.g. emoe-build-default-data's)"
         )
     return {t: int(vocab[t]) for t in tokens}
 
