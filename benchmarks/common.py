@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import logging
 import math
@@ -44,17 +43,11 @@ warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
 # GPTModel logs a deprecation notice (in favour of HybridModel) at every construction.
 logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
 
-from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.extensions.transformer_engine import HAVE_TE  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
-    get_gpt_decoder_block_spec,
-    get_gpt_layer_local_spec,
-)
-from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
-from megatron_emoe import ElasticMoEConfig, with_elastic_router  # noqa: E402
+from megatron_emoe.cpu import device  # noqa: E402,F401
+from megatron_emoe.runtime.builders import gpt_batch, gpt_model, moe_layer, reseed  # noqa: E402,F401
 from megatron_emoe.runtime.launch import run_gloo  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,10 +104,6 @@ def int_list(text: str) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
-
-
 def sync() -> None:
     if CUDA:
         torch.cuda.synchronize()
@@ -298,12 +287,6 @@ def launch(fn: Callable, *args, **kwargs):
     return result["value"]
 
 
-def reseed(seed: int) -> None:
-    """Seed torch and Megatron's RNG tracker (so two builds draw the same weights)."""
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
 def model_dtype(fp8: bool = False) -> torch.dtype:
     """bf16 on CUDA (also the storage type under fp8), fp32 on CPU."""
     return torch.bfloat16 if CUDA else torch.float32
@@ -338,55 +321,6 @@ def transformer_config(*, te: bool = False, fp8: bool = False, **overrides) -> T
         settings.update(fp8="hybrid", fp8_recipe="delayed")
     settings.update(overrides)
     return TransformerConfig(**settings)
-
-
-def layer_spec(config: TransformerConfig, te: bool):
-    """Megatron's GPT layer spec for `config`'s MoE: Transformer Engine (grouped GEMM) or local."""
-    if te:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts, moe_grouped_gemm=True)
-    return get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False)
-
-
-def moe_layer(config: TransformerConfig, elastic: Optional[ElasticMoEConfig], te: bool = False,
-              layer_number: int = 1):
-    """Megatron's `MoELayer` with its `TopKRouter` (elastic=None), or with `with_elastic_router`
-    applied to the same spec: an `ElasticMoELayer` with an `ElasticRouter`. On the current device."""
-    spec = layer_spec(config, te)
-    if elastic is not None:
-        spec = with_elastic_router(spec, elastic)
-    mlp = spec.submodules.mlp
-    layer = mlp(config=config) if isinstance(mlp, functools.partial) else build_module(mlp, config=config)
-    layer.set_layer_number(layer_number)
-    return layer.to(device())  # as Megatron's get_model does with .cuda(): norms start on CPU
-
-
-def gpt_model(config: TransformerConfig, elastic: Optional[ElasticMoEConfig], vocab_size: int,
-              seq_length: int, te: bool = False) -> GPTModel:
-    """A real Megatron `GPTModel` (RoPE), plain Top-k (elastic=None) or with elastic routers."""
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=te)
-    if elastic is not None:
-        block = with_elastic_router(block, elastic)
-    model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
-                     max_sequence_length=seq_length, position_embedding_type="rope")
-    return model.to(device())
-
-
-def gpt_batch(batch_size: int, seq_length: int, vocab_size: int, te: bool = False, seed: int = 0):
-    """Random token ids, positions, causal mask (None with TE: its attention is causal itself)
-    and next-token labels, on the current device."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(vocab_size, (batch_size, seq_length + 1), generator=generator)
-    positions = torch.arange(seq_length).expand(batch_size, seq_length)
-    mask = None if te else torch.triu(
-        torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1)[None, None]
-    to = functools.partial(torch.Tensor.to, device=device())
-    return (to(tokens[:, :-1].contiguous()), to(positions.contiguous()),
-            None if mask is None else to(mask), to(tokens[:, 1:].contiguous()))
 
 
 def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:

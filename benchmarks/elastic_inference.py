@@ -12,19 +12,16 @@ forwards under `torch.no_grad()`, interleaved round-robin in one process:
 Reported per k': tokens/s of each and ratio = elastic / native throughput (the median of per-round
 ratios). Target on an H100: ratio >= 0.98 (elastic within 2% of native) at every k'.
 
-    python benchmarks/elastic_inference.py            # CPU defaults (or GPU defaults on CUDA)
-    python benchmarks/elastic_inference.py --te       # CUDA + Transformer Engine specs
-    python benchmarks/elastic_inference.py --quick    # seconds, for the tests
+    python -m benchmarks.elastic_inference            # CPU defaults (or GPU defaults on CUDA)
+    python -m benchmarks.elastic_inference --te       # CUDA + Transformer Engine specs
+    python -m benchmarks.elastic_inference --quick    # seconds, for the tests
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_emoe import ElasticMoEConfig, set_active_experts  # noqa: E402

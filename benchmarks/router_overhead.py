@@ -19,21 +19,18 @@ layer ratio is below 1 for that reason; its router ratio is the comparable figur
 Targets (H100, 64 experts, 16384 tokens): router emoe/topk <= 1.10, layer emoe/topk <= 1.02.
 They are printed as met / not met on CUDA; CPU figures are recorded only.
 
-    python benchmarks/router_overhead.py              # CPU: reduced grid, hidden 256; GPU: full grid
-    python benchmarks/router_overhead.py --full       # experts 8,64,256 x tokens 4096,16384,65536
-    python benchmarks/router_overhead.py --te         # CUDA + Transformer Engine: grouped GEMM
-    python benchmarks/router_overhead.py --quick      # seconds, for the tests
-    python benchmarks/router_overhead.py --profile    # + torch.profiler tables of each router
+    python -m benchmarks.router_overhead              # CPU: reduced grid, hidden 256; GPU: full grid
+    python -m benchmarks.router_overhead --full       # experts 8,64,256 x tokens 4096,16384,65536
+    python -m benchmarks.router_overhead --te         # CUDA + Transformer Engine: grouped GEMM
+    python -m benchmarks.router_overhead --quick      # seconds, for the tests
+    python -m benchmarks.router_overhead --profile    # + torch.profiler tables of each router
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_emoe import ElasticMoEConfig  # noqa: E402

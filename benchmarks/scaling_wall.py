@@ -10,9 +10,9 @@ for every mode (same `--seed`, iterations and batch size):
   instruction data (`--sft-packed`, loss on response tokens only) for the same number of tokens.
   The base itself is also evaluated on that data ("base, not fine-tuned").
 
-Every run is the project's training entry `examples/pretrain_gpt_emoe.py` (Megatron's own training
-loop) under torchrun, launched and followed as `examples/demo.py` does (gloo processes with expert
-parallelism over all of them and the alltoall dispatcher on CPU). After training, the entry reloads
+Every run is the project's training entry (Megatron's own training loop) under torchrun, launched
+and followed by the project's launch recipe (`megatron_emoe.runtime.launch`), as the demo is (gloo
+processes with expert parallelism over all of them and the alltoall dispatcher on CPU). After training, the entry reloads
 the saved checkpoint and measures validation loss at k' = 1 ... 3k (`--elastic-eval-budgets`) on
 the same validation batches for every budget and mode (by default the whole validation split,
 as many global batches as it holds), so budget-to-budget and mode-to-mode differences are paired.
@@ -42,13 +42,13 @@ Profiles (the flags override them):
   hidden 512, 64 experts of width 256, k = 4 (k' = 1 ... 12), 64 x 1024 tokens per step,
   (a) 2000 steps (131M tokens, lr 1e-3), (b) 200 steps (13M tokens, lr 3e-4). The embedded data
   holds 2.2M pretraining tokens: give a real corpus with `--pretrain-train-data` and the other
-  data flags (made with tools/preprocess_data.py, `--sft` for the instruction data).
+  data flags (made with emoe-preprocess-data, `--sft` for the instruction data).
 
-    python benchmarks/scaling_wall.py                  # CPU default
-    python benchmarks/scaling_wall.py --quick          # the test's smoke run
-    python benchmarks/scaling_wall.py --gpu            # one GPU node
-    python benchmarks/scaling_wall.py --dry-run        # print the commands, run nothing
-    python benchmarks/scaling_wall.py [...] -- --num-layers 2   # more Megatron flags, every run
+    python -m benchmarks.scaling_wall                  # CPU default
+    python -m benchmarks.scaling_wall --quick          # the test's smoke run
+    python -m benchmarks.scaling_wall --gpu            # one GPU node
+    python -m benchmarks.scaling_wall --dry-run        # print the commands, run nothing
+    python -m benchmarks.scaling_wall [...] -- --num-layers 2   # more Megatron flags, every run
 
 Writes `<output>/scaling_wall.json` (machine, settings, every command with its wall time, per
 setting -> mode -> budget validation loss, tokens trained, seed, and findings computed from the
@@ -72,11 +72,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402  (machine record; on CPU also TORCHDYNAMO_DISABLE for this process)
+from benchmarks import common  # noqa: E402
 
 from megatron_emoe.files import write_bytes_atomically, write_text_atomically  # noqa: E402
+from megatron_emoe.runtime import launch  # noqa: E402
 
 NAME = "scaling_wall"
 REPO = common.REPO
@@ -87,15 +87,6 @@ SETTINGS = {
 }
 
 
-def _load_demo():
-    """examples/demo.py as a module: its launcher and log parsing are the ones used here."""
-    spec = importlib.util.spec_from_file_location("emoe_demo", REPO / "examples" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_demo()
 CONSUMED = re.compile(r"iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+)")
 
 # Model and optimisation per profile. Every layer is MoE; EP = number of processes.
@@ -196,7 +187,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "$MEGATRON_EMOE_DATA); built there if missing")
     for name, what in (("pretrain_train", "pretraining data of (a)"),
                        ("pretrain_valid", "validation data of (a)"),
-                       ("sft_train", "instruction data of (b) (tools/preprocess_data.py --sft)"),
+                       ("sft_train", "instruction data of (b) (emoe-preprocess-data --sft)"),
                        ("sft_valid", "validation instruction data of (b)")):
         d.add_argument("--" + name.replace("_", "-") + "-data", dest=name, default=None,
                        help=f"prefix of the {what}")
@@ -459,8 +450,7 @@ def plan(args, data) -> list[Run]:
         runs.append(run)
     for run in runs:
         run.flags += args.extra
-        run.command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc-per-node={args.nproc}", str(demo.ENTRY), *run.flags]
+        run.command = launch.training_command(run.flags, args.nproc)
     return runs
 
 
@@ -470,9 +460,9 @@ def plan(args, data) -> list[Run]:
 def read_log(path: Path) -> dict:
     """Training losses per logged step, consumed samples, and Megatron's last validation loss."""
     text = path.read_text(errors="replace")
-    losses = {int(m[1]): float(m[3]) for m in demo.ITERATION.finditer(text)}
+    losses = {int(m[1]): float(m[3]) for m in launch.ITERATION.finditer(text)}
     consumed = [(int(m[1]), int(m[2])) for m in CONSUMED.finditer(text)]
-    validation = [float(m[2]) for m in demo.VALIDATION.finditer(text)]
+    validation = [float(m[2]) for m in launch.VALIDATION.finditer(text)]
     return {"train_loss": losses, "consumed_samples": consumed[-1][1] if consumed else 0,
             "validation_loss": validation[-1] if validation else None}
 
@@ -497,7 +487,8 @@ def execute(run: Run, index: int, total: int) -> dict:
             "train": f"{run.iterations} steps"}[run.kind]
     print(f"[run {index}/{total}] {run.name}: {what}  (log: {run.log})", flush=True)
     start = time.time()
-    code = demo.run_with_progress(run.command, run.log)
+    code = launch.run_training_job(run.command, run.log, cwd=REPO,
+                                   progress=lambda line: print(line, flush=True))
     wall = time.time() - start
     if code != 0:
         for line in error_lines(run.log):

@@ -1,7 +1,7 @@
 """Markdown tables of benchmark results, in the layout of docs/performance.md.
 
-    python benchmarks/tables.py                       # benchmarks/results/*.json
-    python benchmarks/tables.py --results /tmp/gpu    # another results folder
+    python -m benchmarks.tables                       # benchmarks/results/*.json
+    python -m benchmarks.tables --results /tmp/gpu    # another results folder
 """
 
 from __future__ import annotations

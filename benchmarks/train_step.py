@@ -31,19 +31,16 @@ Not counted: softmax, norms, activations, routing maths, the optimizer. MFU = FL
 1978.9 fp8 TFLOP/s; H100 PCIe: 756 / 1513; H100 NVL: 835 / 1671); on CPU MFU is null unless
 `--peak-tflops` is given.
 
-    python benchmarks/train_step.py                  # CPU: fp32; CUDA: bf16
-    python benchmarks/train_step.py --te             # CUDA + TE: bf16 and fp8, grouped GEMM
-    python benchmarks/train_step.py --quick          # seconds, for the tests
+    python -m benchmarks.train_step                  # CPU: fp32; CUDA: bf16
+    python -m benchmarks.train_step --te             # CUDA + TE: bf16 and fp8, grouped GEMM
+    python -m benchmarks.train_step --quick          # seconds, for the tests
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_emoe import ElasticMoEConfig  # noqa: E402

@@ -1,4 +1,5 @@
-"""Small real Megatron models for tests, plus a dense per-expert reference for MoE outputs.
+"""The tests' tiny sizes for the shared builders (`megatron_emoe.runtime.builders`), plus a dense
+per-expert reference for MoE outputs.
 
 Everything here builds Megatron-Core's own modules; only `dense_reference` is written out, because
 it is the independent answer the real layer is checked against.
@@ -10,13 +11,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_decoder_block_spec,
-    get_gpt_layer_local_spec,
-)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_emoe import ElasticMoEConfig, with_elastic_router
+from megatron_emoe import ElasticMoEConfig
+from megatron_emoe.runtime import builders as runtime_builders
 
 VOCAB = 64
 SEQ = 16
@@ -51,39 +49,22 @@ def moe_config(**overrides) -> TransformerConfig:
 
 def reseed(seed: int = 0) -> None:
     """Seed the default generator and Megatron's RNG tracker, so two builds get equal weights."""
-    from megatron.core import tensor_parallel
-
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    runtime_builders.reseed(seed)
 
 
 def moe_layer(config: TransformerConfig, elastic: ElasticMoEConfig, layer_number: int = 1):
     """A real (Elastic)MoELayer built from Megatron's local GPT layer spec."""
-    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False)
-    layer = with_elastic_router(spec, elastic).submodules.mlp(config=config)  # a partial in 0.19
-    layer.set_layer_number(layer_number)
-    return layer
+    return runtime_builders.moe_layer(config, elastic, layer_number=layer_number)
 
 
 def gpt_model(config: TransformerConfig, elastic: ElasticMoEConfig) -> GPTModel:
     """A tiny real GPTModel whose MoE layers route elastically."""
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=with_elastic_router(block, elastic),
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        position_embedding_type="rope",
-    )
+    return runtime_builders.gpt_model(config, elastic, VOCAB, SEQ)
 
 
 def gpt_batch(batch_size: int = 2, seed: int = 0):
     """Token ids, positions, causal mask and next-token labels for `gpt_model`."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(VOCAB, (batch_size, SEQ + 1), generator=generator)
-    positions = torch.arange(SEQ).expand(batch_size, SEQ)
-    causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
-    return tokens[:, :-1], positions, causal, tokens[:, 1:]
+    return runtime_builders.gpt_batch(batch_size, SEQ, VOCAB, seed=seed)
 
 
 def all_expert_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ MACHINE_KEYS = {"device", "device_name", "cpu", "torch", "megatron_core", "date"
 def _run(script: str, tmp_path: Path, *extra: str) -> dict:
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", GLOO_SOCKET_IFNAME="lo")
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--quick",
+        [sys.executable, "-m", f"benchmarks.{script}", "--quick",
          "--output", str(tmp_path), *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -84,7 +84,7 @@ def test_train_step_quick(tmp_path):
     assert count["flops_per_token"] > 6 * count["active_matmul_params"]
 
     # The docs' tables come from tables.py; the other two results are missing in this folder.
-    report = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tables.py"),
+    report = subprocess.run([sys.executable, "-m", "benchmarks.tables",
                              "--results", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert report.returncode == 0, report.stderr
     assert "| fp32 | emoe |" in report.stdout and "router_overhead.json missing" in report.stdout
@@ -93,23 +93,23 @@ def test_train_step_quick(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_scaling_wall_quick(tmp_path):
-    """benchmarks/scaling_wall.py --quick end to end: bad flags are refused before anything runs;
+    """python -m benchmarks.scaling_wall --quick end to end: bad flags are refused before anything runs;
     then both settings (a: pretraining, b: fine-tuning the Top-k checkpoint) with every mode train
     through the real entry (2 gloo processes) and are evaluated at k' = 1 ... 3k. About 3 min on
     2 idle CPU cores (10 short torchrun jobs)."""
-    script = str(REPO / "benchmarks" / "scaling_wall.py")
+    script = ["-m", "benchmarks.scaling_wall"]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", GLOO_SOCKET_IFNAME="lo")
     out, work = tmp_path / "out", tmp_path / "work"
     common_flags = ["--quick", "--output", str(out), "--work-dir", str(work)]
     for bad, flag in ((["--emoe-k-ideal", "1"], "--emoe-k-ideal"),
                       (["--pretrain-iters", "0"], "--pretrain-iters"),
                       (["--", "--seed", "7"], "--seed")):
-        result = subprocess.run([sys.executable, script, *common_flags, *bad], cwd=REPO, env=env,
+        result = subprocess.run([sys.executable, *script, *common_flags, *bad], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and flag in result.stderr, (bad, result.stderr[-2000:])
         assert not work.exists()
 
-    result = subprocess.run([sys.executable, script, *common_flags], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, *script, *common_flags], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=1400)
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     path, png = out / "scaling_wall.json", out / "scaling_wall.png"

@@ -22,20 +22,14 @@ ITERS = 4
 VALIDATION = re.compile(rf"validation loss at iteration {ITERS} \|.*?lm loss value: ([0-9.E+-]+)")
 
 
-def _flags(flags, **changes):
-    flags = list(flags)
-    for name, value in changes.items():
-        flags[flags.index(name) + 1] = value
-    return flags
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from megatron_emoe.data.default_data import ensure_default_data
 
     data = ensure_default_data()
     root = tmp_path_factory.mktemp("elastic_eval")
-    flags = _flags(TINY_MODEL, **{"--eval-interval": str(ITERS), "--eval-iters": "2"}) + [
+    flags = [
+        *TINY_MODEL, "--eval-interval", str(ITERS), "--eval-iters", "2",
         "--train-data-path", data["pretrain_train"], "--valid-data-path", data["pretrain_valid"],
         "--tokenizer-model", data["tokenizer_model"], "--train-iters", str(ITERS),
         "--save", str(root / "ckpt"), "--save-interval", str(ITERS),

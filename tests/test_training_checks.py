@@ -139,7 +139,7 @@ def test_tokenizer_and_data_vocab_mismatch(data, tmp_path):
 @pytest.mark.slow
 def test_sequence_length_above_the_model(data):
     flags = _flags(data)
-    flags[flags.index("--seq-length") + 1] = "128"
+    flags += ["--seq-length", "128"]
     out = _refused(flags)
     assert "--seq-length 128" in out and "--max-position-embeddings 64" in out
 
@@ -155,7 +155,7 @@ def test_resume_must_match_router_mode_and_experts(data, tmp_path):
     out = _refused(_flags(data, "--moe-router-mode", "topk", *resume))
     assert "--moe-router-mode topk does not match" in out and "--moe-router-mode emoe" in out
     flags = _flags(data, "--moe-router-mode", "emoe", *resume)
-    flags[flags.index("--num-experts") + 1] = "8"
+    flags += ["--num-experts", "8"]
     out = _refused(flags)
     assert "--num-experts 8 does not match" in out and "--num-experts 4" in out
     # Writing into a folder whose checkpoint this run would not resume from needs consent.

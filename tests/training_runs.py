@@ -1,45 +1,30 @@
-"""The one helper tests use to run the training entry for real: torchrun over
-examples/pretrain_gpt_emoe.py with N gloo processes, plus readers for what a run leaves behind."""
+"""The one helper tests use to run the training entry for real (the project's launch recipe,
+`megatron_emoe.runtime.launch`), plus readers for what a run leaves behind."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-
-import pytest
 from pathlib import Path
 
+import pytest
+
+from megatron_emoe.runtime import launch
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY = REPO / "examples" / "pretrain_gpt_emoe.py"
-
-# A tiny GPT-MoE: 2 layers, 4 experts of which 2 are active, expert parallel 2 on 2 processes.
-TINY_MODEL = [
-    "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
-    "--num-attention-heads", "4", "--seq-length", "64", "--max-position-embeddings", "64",
-    "--position-embedding-type", "rope", "--disable-bias-linear",
-    "--num-experts", "4", "--moe-ffn-hidden-size", "64", "--moe-router-topk", "2",
-    "--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size", "2",
-    "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.01",
-    "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3",
-    "--lr-warmup-iters", "0", "--clip-grad", "1.0", "--seed", "1234",
-    "--eval-interval", "1000", "--eval-iters", "1", "--log-interval", "1",
-    "--tokenizer-type", "HuggingFaceTokenizer",
-]
+# The tiny GPT-MoE of examples/configs/tiny.yaml (2 layers, 4 experts, top-2, EP 2 on 2 processes);
+# flags given after it override its values.
+TINY_CONFIG = REPO / "examples" / "configs" / "tiny.yaml"
+TINY_MODEL = ["--config", str(TINY_CONFIG)]
 
 
 def environment() -> dict[str, str]:
-    return dict(os.environ, TORCHDYNAMO_DISABLE="1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-                PYTHONWARNINGS="ignore")
+    return launch.launch_environment()
 
 
 def training_command(flags: list[str], nproc: int = 2) -> list[str]:
     """torchrun (standalone, local) over the entry, or the entry alone for one process."""
-    if nproc == 1:
-        return [sys.executable, str(ENTRY), *flags]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", str(ENTRY), *flags]
+    return launch.training_command(flags, nproc)
 
 
 def run_training(flags: list[str], log: Path, nproc: int = 2, timeout: int = 400):

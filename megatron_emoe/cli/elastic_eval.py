@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--layer-budgets", nargs="+", default=[],
                        help="per-layer budgets, one per MoE layer, e.g. 1-2-4-4")
     group.add_argument("--allocation", default=None,
-                       help="JSON from tools/search_budget_allocation.py (its 'allocation')")
+                       help="JSON from emoe-search-budget-allocation (its 'allocation')")
     group.add_argument("--top-p", type=float, nargs="+", default=[],
                        help="token-adaptive budgets: fewest experts whose router probability reaches p")
     group.add_argument("--top-p-max-experts", type=int, default=None,

@@ -1,7 +1,7 @@
 """A saved checkpoint, built and loaded at any layout, evaluated at inference budgets.
 
-The shared core of the evaluation tools (`tools/elastic_eval.py`,
-`tools/search_budget_allocation.py`): their common flags (`add_eval_arguments`), validated options
+The shared core of the evaluation tools (`emoe-elastic-eval`,
+`emoe-search-budget-allocation`): their common flags (`add_eval_arguments`), validated options
 (`EvalOptions`), the per-rank evaluator (`checkpoint_evaluator`) and a runner that starts the gloo
 ranks and returns rank 0's result (`run_on_ranks`). The model is the saving run's own (its flags
 come from the checkpoint); dist_checkpointing reshards it to the TP/EP layout asked for, and the

@@ -21,7 +21,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group = parser.add_argument_group(title="megatron-emoe training")
     group.add_argument(
         "--sft-packed", action="store_true",
-        help="Data prefixes are instruction data written by tools/preprocess_data.py --sft: "
+        help="Data prefixes are instruction data written by emoe-preprocess-data --sft: "
         "documents are packed into sequences and only response tokens carry loss.",
     )
     group.add_argument(

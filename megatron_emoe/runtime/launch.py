@@ -1,10 +1,14 @@
-"""Run a function in N local gloo processes with Megatron's parallel state set up (CPU or GPU).
+"""Launching: the training entry under torchrun, and functions in N local gloo processes.
 
-Used by the evaluation and conversion apps, the benchmarks and the tests: `run_gloo(fn, world_size=2, ep=2)` spawns `world_size` local
-processes (file-store rendezvous, gloo on loopback) and in each initialises gloo,
-`megatron_emoe.cpu.enable()`, Megatron's parallel groups and seeds, then calls `fn(rank, *args, **kwargs)`. A failure in any rank is raised
-in the caller with that rank's traceback. `fn` must be a top-level (picklable) function. With
-world_size=1 it runs in the calling process.
+- `training_command(argv, nproc)` and `launch_environment()` are the one recipe (torchrun command
+  and environment) by which the demo, the tests and the benchmarks start the training entry;
+  `run_training_job` runs it with one progress line per logged step.
+- `run_gloo(fn, world_size=2, ep=2)` spawns `world_size` local processes (file-store rendezvous,
+  gloo on loopback) and in each initialises gloo, `megatron_emoe.cpu.enable()`, Megatron's parallel
+  groups and seeds, then calls `fn(rank, *args, **kwargs)`; the evaluation and conversion apps, the
+  benchmarks and the tests use it. A failure in any rank is raised in the caller with that rank's
+  traceback. `fn` must be a top-level (picklable) function. With world_size=1 it runs in the
+  calling process.
 """
 
 from __future__ import annotations
@@ -12,8 +16,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -25,6 +34,55 @@ from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracke
 from megatron_emoe import cpu
 
 SEED = 1234
+ENTRY_MODULE = "megatron_emoe.training.entry"
+# What Megatron's training loop logs: a training step and an evaluation.
+ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+).*?lm loss: ([0-9.E+-]+)")
+VALIDATION = re.compile(
+    r"validation loss at iteration (\d+)(?: on validation set)? \|.*?lm loss value: ([0-9.E+-]+)"
+)
+
+
+def launch_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a local training job: `base` (default: this process's) plus no
+    torch.compile on CPU (Megatron compiles a few router helpers), gloo on loopback, one OpenMP
+    thread per rank, and no Python warnings."""
+    return dict(os.environ if base is None else base, TORCHDYNAMO_DISABLE="1", GLOO_SOCKET_IFNAME="lo",
+                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def training_command(argv: Sequence[str], nproc: int = 1) -> list[str]:
+    """The training entry with `argv` on `nproc` local processes: torchrun (standalone rendezvous)
+    for more than one, the entry alone in this interpreter for one."""
+    if nproc == 1:
+        return [sys.executable, "-m", ENTRY_MODULE, *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "--module", ENTRY_MODULE, *argv]
+
+
+def run_training_job(command: Sequence[str], log_path: str | os.PathLike, cwd=None,
+                     progress: Callable[[str], None] | None = print, start: float | None = None) -> int:
+    """Run a training `command`, keeping its whole output in `log_path`; with `progress`, report
+    one line per logged step and evaluation, and the first lines of any error. Returns the exit
+    status."""
+    start = time.time() if start is None else start
+    with open(log_path, "w") as log, subprocess.Popen(
+        list(command), cwd=cwd, env=launch_environment(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    ) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if progress is None:
+                continue
+            if match := ITERATION.search(line):
+                done, total, loss = int(match[1]), int(match[2]), float(match[3])
+                progress(f"  step {done:4d}/{total} | train loss {loss:6.3f} | "
+                         f"{time.time() - start:5.0f} s elapsed")
+            elif match := VALIDATION.search(line):
+                progress(f"  step {int(match[1]):4d} validation loss {float(match[2]):6.3f} "
+                         "(the next --eval-iters batches of the validation stream)")
+            elif "Traceback" in line or "Error" in line.split(":")[0] or ": error: " in line:
+                progress("  " + line.rstrip())
+        return proc.wait()
 
 
 @contextlib.contextmanager

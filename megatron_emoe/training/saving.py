@@ -80,7 +80,7 @@ def staged(save_checkpoint):
 
 def carry_hf_config(load_dir: str | None, save_dir: str | None) -> None:
     """Copy the `hf/` folder of a converted checkpoint into `save_dir`, so that
-    `convert_checkpoint.py megatron-to-hf` finds it there too (rank 0 only; copied whole or not)."""
+    `emoe-convert-checkpoint megatron-to-hf` finds it there too (rank 0 only; copied whole or not)."""
     if not load_dir or not save_dir:
         return
     source, target = os.path.join(load_dir, HF_SUBDIR), os.path.join(save_dir, HF_SUBDIR)

@@ -1,0 +1,1 @@
+"""Benchmarks with JSON results (run from the repository root: python -m benchmarks.NAME)."""
