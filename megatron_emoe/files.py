@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 
 def write_bytes_atomically(path: str, data: bytes) -> None:
@@ -22,3 +23,13 @@ def write_bytes_atomically(path: str, data: bytes) -> None:
 def write_text_atomically(path: str, text: str) -> None:
     """`write_bytes_atomically` for UTF-8 text."""
     write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def mkdtemp_like_mkdir(prefix: str, dir: str) -> str:
+    """`tempfile.mkdtemp`, but with the permissions `os.mkdir` would give (mkdtemp makes 0700
+    folders, and a staged output renamed into place would keep them)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    return path

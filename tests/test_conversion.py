@@ -18,7 +18,8 @@ from megatron_emoe.conversion import tensors
 from megatron_emoe.conversion.convert import HFToMegatron, MegatronToHF, hf_to_megatron, megatron_to_hf
 from megatron_emoe.conversion.families import ConversionError
 from tests.conversion_models import hf_logits, megatron_logits, save_hf_model, tokens
-from tools.convert_checkpoint import main as convert_main
+from tests.training_runs import usage_error
+from megatron_emoe.cli.convert_checkpoint import main as convert_main
 
 FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3"]
 LOGITS_TOLERANCE = 1e-4
@@ -142,8 +143,7 @@ def small_megatron(small_hf, tmp_path_factory):
 
 
 def refused(argv, capsys) -> str:
-    assert convert_main(argv) == 2
-    return capsys.readouterr().err
+    return usage_error(convert_main, argv, capsys)
 
 
 def test_missing_and_partial_hf_folders_are_refused(small_hf, tmp_path, capsys):
@@ -196,6 +196,13 @@ def test_unsupported_architecture_is_named(tmp_path, capsys):
 def test_layouts_that_do_not_divide_are_refused(small_hf, tmp_path, capsys, flag, size, what):
     err = refused(["hf-to-megatron", "--hf-path", small_hf, "--output", str(tmp_path / "o"), flag, size], capsys)
     assert flag in err and what in err
+
+
+def test_output_folder_gets_ordinary_permissions(small_megatron):
+    # mkdtemp stages at 0700; the published folder must have what mkdir gives (umask applied).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(small_megatron).st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_existing_output_needs_overwrite_and_survives_a_failed_conversion(small_hf, tmp_path, capsys):

@@ -18,6 +18,7 @@ from transformers import AutoConfig
 
 from megatron_emoe.conversion import hf_files, megatron_side
 from megatron_emoe.conversion.families import FAMILIES, ConversionError, Family, family_for
+from megatron_emoe.files import mkdtemp_like_mkdir
 from megatron_emoe.runtime import checkpoints
 from megatron_emoe.runtime.arguments import flags_argv
 from megatron_emoe.runtime.checkpoints import HF_SUBDIR, args_from_checkpoint
@@ -130,7 +131,7 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
 def _staging_dir(output: str) -> str:
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.converting-", dir=parent)
+    return mkdtemp_like_mkdir(prefix=f".{os.path.basename(os.path.abspath(output))}.converting-", dir=parent)
 
 
 def _publish(staging: str, output: str) -> None:
