@@ -31,6 +31,7 @@ import torch.distributed as dist
 from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
@@ -172,28 +173,27 @@ class MegatronEMoELM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """(sum of log p(continuation | context), continuation is the greedy argmax) per request;
-        contexts are cut from the left to `max_length`, longest requests run first."""
-        results: list = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        contexts are cut from the left to `max_length`, longest requests run first (lm-eval's
+        `Collator` orders, batches and restores the order)."""
+        collator = Collator(requests, sort_fn=lambda request: -len(request[1]) - len(request[2]))
+        results = []
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="megatron-emoe loglikelihood")
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start: start + self.batch_size]
+        for batch in collator.get_batched(n=self.batch_size):
             rows, targets = [], []
-            for i in batch:
-                _, context, continuation = requests[i]
+            for _, context, continuation in batch:
                 if len(continuation) > self.max_length:
                     raise UsageError(f"a continuation of {len(continuation)} tokens does not fit in "
                                      f"max_length={self.max_length}")
                 rows.append((list(context) + list(continuation))[-(self.max_length + 1):][:-1])
                 targets.append(list(continuation))
             logprobs = torch.log_softmax(self.logits(rows), dim=-1)
-            for j, i in enumerate(batch):
-                results[i] = _score(logprobs[j, : len(rows[j])], targets[j])
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            for j, (cache_key, _, _) in enumerate(batch):
+                results.append(_score(logprobs[j, : len(rows[j])], targets[j]))
+                if cache_key is not None:
+                    self.cache_hook.add_partial("loglikelihood", cache_key, results[-1])
             progress.update(len(batch))
         progress.close()
-        return results
+        return collator.get_original(results)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole strings in disjoint windows of `max_length` tokens, each token
@@ -215,20 +215,20 @@ class MegatronEMoELM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding (no KV cache: each step re-runs the last `max_length` tokens) until a
-        stop string, EOS or `max_gen_toks` new tokens; the text is cut before the stop string."""
-        results: list = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].args[0]))
+        stop string, EOS or `max_gen_toks` new tokens; the text is cut before the stop string.
+        Requests are batched by lm-eval's `Collator`, longest context first."""
+        collator = Collator([request.args for request in requests], sort_fn=lambda args: -len(args[0]))
+        results = []
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="megatron-emoe generate")
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start: start + self.batch_size]
-            settings = [self._generation_settings(requests[i].args[1]) for i in batch]
-            contexts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in batch]
-            for i, (until, _), text in zip(batch, settings, self._greedy(contexts, settings)):
-                results[i] = _cut(text, until)
-                self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+        for batch in collator.get_batched(n=self.batch_size):
+            settings = [self._generation_settings(gen_kwargs) for _, gen_kwargs in batch]
+            contexts = [self.tok_encode(context) or [self.prefix_token_id] for context, _ in batch]
+            for args, (until, _), text in zip(batch, settings, self._greedy(contexts, settings)):
+                results.append(_cut(text, until))
+                self.cache_hook.add_partial("generate_until", args, results[-1])
             progress.update(len(batch))
         progress.close()
-        return results
+        return collator.get_original(results)
 
     def _generation_settings(self, gen_kwargs) -> tuple[list[str], int]:
         """(stop strings, max new tokens) of one request; sampling options are ignored (greedy)."""
