@@ -7,6 +7,9 @@ import io
 import json
 import os
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from megatron_emoe.files import write_bytes_atomically, write_text_atomically
 
 CSV_COLUMNS = ("kind", "label", "val_loss", "perplexity", "active_experts", "expert_gflops",
@@ -35,12 +38,10 @@ def csv_text(results: list[dict]) -> str:
 def plot_png(results: list[dict], title: str, train_topk: int) -> bytes:
     """Validation loss against mean active experts per token and against routed-expert GFLOPs per
     token: global budgets as a line, per-layer and top-p budgets as labelled points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    # The Agg canvas directly, not pyplot: no global figure state, no GUI backend.
+    figure = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
     styles = {"global": ("o-", "budget k' (all layers)"), "per_layer": ("s", "per-layer budget"),
               "top_p": ("^", "top-p (token-adaptive)")}
     for axis, key, xlabel in (
@@ -71,7 +72,6 @@ def plot_png(results: list[dict], title: str, train_topk: int) -> bytes:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
     return buffer.getvalue()
 
 
