@@ -6,8 +6,11 @@ exit status 2 (`megatron_emoe.errors`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from megatron.core.enums import ModelType
@@ -18,7 +21,7 @@ from megatron.training.global_vars import set_global_variables
 
 from megatron_emoe import coactivation, router_metrics
 from megatron_emoe.config import elastic_config_from_args
-from megatron_emoe.errors import exits_on_usage_error
+from megatron_emoe.errors import UsageError, exits_on_usage_error
 from megatron_emoe.runtime import cpu_loop, wheel
 from megatron_emoe.runtime.arguments import expand_config_argv, parse_training_args
 from megatron_emoe.runtime.data import train_valid_test_datasets_provider
@@ -30,14 +33,29 @@ PROG = "emoe-pretrain"
 
 
 def parse_and_check(argv: Sequence[str]):
-    """Megatron's flags plus ours, validated by Megatron, then our checks; nothing runs yet."""
+    """Megatron's flags plus ours, validated by Megatron, then our checks; nothing runs yet.
+
+    What Megatron prints while validating (the whole argument table) is held back until every
+    check has passed, so that bad input ends with its one error line alone."""
     args = parse_training_args(cpu_loop.with_cpu_flags(expand_config_argv(argv)))
     preflight.check_before_parsing_done(args)
-    validate_args(args, {"tokenizer_type": "HuggingFaceTokenizer"})
-    preflight.adopt_checkpoint_vocab(args)
-    set_global_variables(args)
-    preflight.check_before_training(args, tokenizer_vocab_size=get_tokenizer().vocab_size)
+    with contextlib.redirect_stdout(io.StringIO()) as megatron_log:
+        validate_megatron_args(args)
+        preflight.adopt_checkpoint_vocab(args)
+        set_global_variables(args)
+        preflight.check_before_training(args, tokenizer_vocab_size=get_tokenizer().vocab_size)
+    print(megatron_log.getvalue(), end="", flush=True)
     return args, elastic_config_from_args(args)
+
+
+def validate_megatron_args(args) -> None:
+    """Megatron's `validate_args`, whose refusals are bare assertions, as a `UsageError`."""
+    try:
+        validate_args(args, {"tokenizer_type": "HuggingFaceTokenizer"})
+    except AssertionError as error:
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        reason = str(error) or f"{frame.line} ({os.path.basename(frame.filename)}:{frame.lineno})"
+        raise UsageError(f"Megatron's validate_args refused the flags: {reason}") from None
 
 
 @exits_on_usage_error(PROG)

@@ -109,6 +109,10 @@ def check_routing(args) -> None:
 
 def check_before_parsing_done(args) -> None:
     """Checks that need only the parsed flags (run before Megatron builds anything)."""
+    tokenizer = args.tokenizer_model
+    if tokenizer and (os.sep in tokenizer or tokenizer.startswith(".")) and not os.path.exists(tokenizer):
+        # a path (a bare name may be a Hugging Face hub id)
+        raise UsageError(f"--tokenizer-model {tokenizer}: no such tokenizer file or folder")
     check_sequence_length(args)
     check_budgets(args)
 
