@@ -51,6 +51,11 @@ class ElasticRouter(TopKRouter):
         self.budget_draws = 0
         # Mean router entropy of the current training forward, when routing computed it.
         self._entropy: Optional[torch.Tensor] = None
+        # When True (the co-activation recorder sets it while attached), each `routing()` leaves
+        # the mean router entropy (nats, detached) of its non-padding tokens in `last_entropy`,
+        # computed from this forward's own logits; routing outputs are unchanged.
+        self.track_entropy: bool = False
+        self.last_entropy: Optional[torch.Tensor] = None
 
     # ---------------------------------------------------------------------------------------
     # Budget
@@ -93,14 +98,29 @@ class ElasticRouter(TopKRouter):
     # ---------------------------------------------------------------------------------------
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Return sparse gates and the boolean routing map, both `[tokens, experts]`."""
-        self._entropy = None
+        self._entropy = self.last_entropy = None
         probs, routing_map = self._route(logits, padding_mask)
+        if self.track_entropy:
+            self.last_entropy = self._tracked_entropy(logits, padding_mask)
         if self.training and torch.is_grad_enabled():  # once per micro-batch, not on recompute
             router_metrics.record(
                 self, logits.view(-1, self.config.num_moe_experts), routing_map,
                 entropy=self._entropy,
             )
         return probs, routing_map
+
+    def _tracked_entropy(
+        self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """Mean router entropy of this forward's non-padding tokens: the one the training path
+        computed (`_entropy`), else `routing.router_entropy` of the logits; None without tokens."""
+        if self._entropy is not None:
+            return self._entropy
+        with torch.no_grad():
+            logits = logits.reshape(-1, self.config.num_moe_experts)
+            if padding_mask is not None:
+                logits = logits[~padding_mask.reshape(-1).bool()]
+            return routing.router_entropy(logits) if logits.shape[0] else None
 
     def _route(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         self.topk = self.dispatch_topk = self.train_topk

@@ -11,6 +11,7 @@ from distributed import run_distributed_test
 
 import builders
 from megatron_emoe import (
+    Budget,
     ElasticMoEConfig,
     coactivation,
     elastic_routers,
@@ -70,7 +71,7 @@ class TestCounts:
     def test_chunked_sum_is_exact(self, monkeypatch):
         routing_map = topk_map(torch.randn(1000, 6, generator=seeded(1)), 2)
         whole = coactivation_counts(routing_map)
-        monkeypatch.setattr(coactivation, "_EXACT_ROWS", 7)
+        monkeypatch.setattr(coactivation.counts, "_EXACT_ROWS", 7)
         assert torch.equal(coactivation_counts(routing_map), whole)
 
     def test_rejects_non_matrix(self):
@@ -156,6 +157,27 @@ def test_save_load_round_trip_and_heatmaps(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_heatmap_without_pairs_shows_expert_load(tmp_path):
+    """At k' = 1 no token has a pair: the "pairs" heatmap would be empty, so the figure shows each
+    expert's fraction of the tokens instead, and says so."""
+    single = _synthetic(0, 1, tag="eval_k1")
+    figure = coactivation.layer_figure(single, 1)
+    (axes,) = [a for a in figure.axes]
+    assert not axes.images and "no co-activated pairs" in axes.get_title()
+    heights = [bar.get_height() for bar in axes.patches]
+    expected = (single.load(1).double() / single.tokens[1]).tolist()
+    assert heights == pytest.approx(expected) and sum(heights) == pytest.approx(1.0)
+    # With pairs: the heatmap, diagonal masked.
+    pairs_axes = coactivation.layer_figure(_synthetic(0, 2), 1).axes[0]
+    assert len(pairs_axes.images) == 1 and not pairs_axes.patches
+    assert "no co-activated pairs" not in pairs_axes.get_title()
+    paths = coactivation.save_heatmaps(single, str(tmp_path / "eval_k1"))
+    assert [os.path.basename(p) for p in paths] == ["layer_01.png", "layer_02.png"]
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_writes_are_atomic(tmp_path, monkeypatch):
     """A write that fails before the rename leaves the previous file whole."""
     stats = _synthetic(0, 2)
@@ -230,7 +252,7 @@ def _recorder_on_gpt(rank, out_dir):
     set_active_experts(model, [1, 3])
 
     evals = coactivation.collect_at_budgets(model, BUDGETS, run)
-    assert [r.budget for r in elastic_routers(model)] == [(1, 3), (1, 3)], "budget not restored"
+    assert [r.budget for r in elastic_routers(model)] == [Budget((1, 3))] * 2, "budget not restored"
     for k, stats in evals.items():
         assert stats.layers == [1, 2] and stats.meta["budget"] == k
         for layer in stats.layers:
@@ -313,6 +335,61 @@ def _recompute_counts_once(rank):
 
 def test_training_counts_each_micro_batch_once_under_recompute():
     run_distributed_test(_recompute_counts_once, world_size=1)
+
+
+def _router_keeps_entropy(rank):
+    from megatron_emoe import ElasticRouter
+
+    config = builders.moe_config()
+    x = torch.randn(12, 2, config.hidden_size, generator=seeded(0))
+    padding = torch.zeros(12, 2, dtype=torch.bool)
+    padding[-3:] = True
+    for mode in ("topk", "emoe"):
+        builders.reseed(0)
+        elastic = ElasticMoEConfig(mode=mode, k_ideal=4 if mode == "emoe" else None)
+        router = ElasticRouter(config=config, elastic=elastic)
+        router.set_layer_number(1)
+        assert router.track_entropy is False
+        with torch.no_grad():
+            logits = router.gating(x).reshape(-1, 8)[~padding.reshape(-1)]
+        expected = float(routing.router_entropy(logits))
+        for training in (False, True):
+            router.train(training)
+            outputs = {}
+            for track in (False, True):
+                router.track_entropy = track
+                torch.manual_seed(3)  # EMoE training draws experts
+                with torch.set_grad_enabled(training):
+                    outputs[track] = router(x, padding_mask=padding)
+                if not track:
+                    assert router.last_entropy is None
+            # Tracking only reads: Megatron's top-k path and ours route bitwise the same.
+            for plain, tracked in zip(outputs[False], outputs[True]):
+                assert torch.equal(plain, tracked), (mode, training)
+            assert not router.last_entropy.requires_grad
+            assert math.isclose(float(router.last_entropy), expected, rel_tol=1e-5), (mode, training)
+            if mode == "emoe" and training:  # reused from the L_HR softmax, not recomputed
+                assert router.last_entropy is router._entropy
+
+    # The recorder turns tracking on while attached, reads it, and runs no extra gating matmul.
+    router.eval()
+    router.track_entropy = False
+    calls = []
+    gating = router.gating
+    router.gating = lambda inp: calls.append(1) or gating(inp)
+    with coactivation.CoactivationRecorder(router, phase="eval") as recorder, torch.no_grad():
+        assert router.track_entropy is True
+        router(x, padding_mask=padding)
+    assert router.track_entropy is False and len(calls) == 1
+    stats = recorder.local()
+    assert stats.tokens == {1: 18}
+    assert math.isclose(stats.entropy[1], expected, rel_tol=1e-5)
+    with coactivation.CoactivationRecorder(router, phase="eval", entropy=False):
+        assert router.track_entropy is False
+
+
+def test_router_keeps_entropy_for_the_recorder():
+    run_distributed_test(_router_keeps_entropy, world_size=1)
 
 
 # ---------------------------------------------------------------------------------------------

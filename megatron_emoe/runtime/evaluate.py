@@ -75,7 +75,7 @@ def evaluate_at_budget(
     stats = recorder.reduce()
     if coactivation_dir is not None:
         coactivation.write_reduced(
-            stats, coactivation_dir, coactivation.eval_tag(budget.value), budget=budget.to_json()
+            stats, coactivation_dir, coactivation.eval_tag(budget), budget=budget.to_json()
         )
     decoder = [n for n in decoder_moe_layers(config) if n in stats.counts]
     per_layer = [
