@@ -18,7 +18,7 @@ from megatron_emoe.evaluation.allocation import (
     validate_search,
 )
 from megatron_emoe.cli.search_budget_allocation import main as tool_main
-from tests.training_runs import REPO, TINY_MODEL, console_script, environment, run_training, usage_error
+from tests.training_runs import REPO, console_script, environment, usage_error
 
 
 class Counted:
@@ -234,19 +234,9 @@ TOOL = console_script("emoe-search-budget-allocation")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """An EMoE checkpoint after 4 steps of the training entry, and its validation data."""
-    from megatron_emoe.data.default_data import ensure_default_data
-
-    root = tmp_path_factory.mktemp("allocation")
-    data = ensure_default_data(root / "data", corpus_bytes=300_000, vocab_size=512)
-    flags = [*TINY_MODEL, "--train-data-path", data["pretrain_train"],
-             "--valid-data-path", data["pretrain_valid"], "--tokenizer-model", data["tokenizer_model"],
-             "--moe-router-mode", "emoe", "--emoe-k-ideal", "4", "--train-iters", "4",
-             "--save", str(root / "ckpt"), "--save-interval", "4"]
-    code, out = run_training(flags, root / "train.log")
-    assert code == 0, out[-3000:]
-    return root / "ckpt"
+def checkpoint(emoe_checkpoint):
+    """The session's tiny EMoE checkpoint (4 steps of the training entry)."""
+    return emoe_checkpoint.path
 
 
 def _search(checkpoint, output, *flags):

@@ -10,36 +10,20 @@ import json
 import math
 import re
 import subprocess
-import sys
 
 import pytest
 
 from megatron_emoe.cli.elastic_eval import main as tool_main
-from tests.training_runs import REPO, TINY_MODEL, console_script, environment, run_training, usage_error
+from tests.conftest import CHECKPOINT_ITERS
+from tests.training_runs import REPO, console_script, environment, usage_error
 
 TOOL = console_script("emoe-elastic-eval")
-ITERS = 4
-VALIDATION = re.compile(rf"validation loss at iteration {ITERS} \|.*?lm loss value: ([0-9.E+-]+)")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from megatron_emoe.data.default_data import ensure_default_data
-
-    data = ensure_default_data()
-    root = tmp_path_factory.mktemp("elastic_eval")
-    flags = [
-        *TINY_MODEL, "--eval-interval", str(ITERS), "--eval-iters", "2",
-        "--train-data-path", data["pretrain_train"], "--valid-data-path", data["pretrain_valid"],
-        "--tokenizer-model", data["tokenizer_model"], "--train-iters", str(ITERS),
-        "--save", str(root / "ckpt"), "--save-interval", str(ITERS),
-        "--moe-router-mode", "emoe", "--emoe-k-ideal", "3",
-    ]
-    code, out = run_training(flags, root / "train.log")
-    assert code == 0, out[-3000:]
-    validation = [float(m) for m in VALIDATION.findall(out)]
-    assert validation, "the training loop logged no validation loss"
-    return root / "ckpt", validation[0]
+def checkpoint(emoe_checkpoint):
+    """(the session's tiny EMoE checkpoint, the training loop's validation loss at its last step)."""
+    return emoe_checkpoint.path, emoe_checkpoint.validation_loss
 
 
 def _tool(*flags, timeout=300):
@@ -62,7 +46,7 @@ def test_loss_at_training_k_equals_training_loop_validation_at_both_layouts(chec
     record, by_label = _results(tmp_path / "ep2")
     # The log prints 7 significant digits.
     assert by_label["2"]["val_loss"] == pytest.approx(training_val_loss, rel=2e-6)
-    assert record["iteration"] == ITERS and record["train_topk"] == 2
+    assert record["iteration"] == CHECKPOINT_ITERS and record["train_topk"] == 2
     assert [by_label[k]["active_experts"] for k in ("1", "2", "4")] == [1.0, 2.0, 4.0]
     assert len({by_label[k]["val_loss"] for k in ("1", "2", "4")}) == 3, "budgets had no effect"
     # Routed-expert FLOPs: SwiGLU off in TINY_MODEL, so 2 matmuls of 64 x 64 per expert per layer.

@@ -1,7 +1,7 @@
 """lm-eval on megatron-emoe checkpoints: the shipped offline task, the adapter's scores against the
 model's own logits at two budgets, `simple_evaluate`, and the CLI (emoe-lm-eval).
 
-The checkpoint is a tiny EMoE model (2 MoE layers, 4 experts, k = 2) trained for 3 steps by the
+The checkpoint is the session's tiny EMoE model (2 MoE layers, 4 experts, k = 2) trained for 4 steps by the
 real training entry on a small default-data build; tolerances are fp32 (1e-5 on summed log-probs).
 """
 
@@ -38,19 +38,9 @@ def offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny EMoE checkpoint (saved at EP=2 by 2 gloo processes) with its 512-token tokenizer."""
-    from megatron_emoe.data.default_data import ensure_default_data
-    from tests.training_runs import TINY_MODEL, run_training
-
-    root = tmp_path_factory.mktemp("lm_eval")
-    data = ensure_default_data(root / "data", corpus_bytes=300_000, vocab_size=512)
-    code, out = run_training(
-        [*TINY_MODEL, "--train-data-path", data["pretrain_train"], "--valid-data-path", data["pretrain_valid"],
-         "--tokenizer-model", data["tokenizer_model"], "--moe-router-mode", "emoe", "--emoe-k-ideal", "4",
-         "--train-iters", "3", "--save", str(root / "ckpt"), "--save-interval", "1000"], root / "train.log")
-    assert code == 0, out[-3000:]
-    return str(root / "ckpt")
+def checkpoint(emoe_checkpoint):
+    """The session's tiny EMoE checkpoint (saved at EP=2 by 2 gloo processes), 512-token tokenizer."""
+    return str(emoe_checkpoint.path)
 
 
 def refused(argv, capsys) -> str:

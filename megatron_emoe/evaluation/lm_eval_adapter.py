@@ -295,7 +295,7 @@ def evaluate_budgets(lm: MegatronEMoELM, budget_list: Iterable[BudgetLike], task
             shown = ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()
                               if isinstance(v, float) and "stderr" not in m)
             log(f"[lm-eval] active experts {label}: {task}: {shown} ({seconds:.1f} s)")
-        runs.append({"active_experts": budget_json(lm.active_experts), "label": label,
+        runs.append({"active_experts": budgets.to_json(lm.active_experts), "label": label,
                      "results": results, "n_samples": output.get("n-samples", {}),
                      "seconds": round(seconds, 3)})
     return runs
