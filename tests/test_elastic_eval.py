@@ -13,6 +13,8 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here needs the session's trained checkpoint
+
 from megatron_emoe.cli.elastic_eval import main as tool_main
 from tests.conftest import CHECKPOINT_ITERS
 from tests.training_runs import REPO, console_script, environment, usage_error

@@ -3,6 +3,7 @@ parallelism 2, on the embedded default data (built small for tests)."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -12,6 +13,7 @@ import time
 import psutil
 import pytest
 
+from tests.conftest import data_flags
 from tests.training_runs import (
     REPO, TINY_MODEL, environment, run_training, scalars, tags, training_command,
 )
@@ -20,17 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A small default-data build (same builder as `make demo`, 300 kB of stdlib text)."""
-    from megatron_emoe.data.default_data import ensure_default_data
-
-    return ensure_default_data(tmp_path_factory.mktemp("data") / "default",
-                               corpus_bytes=300_000, vocab_size=512)
-
-
-def data_flags(data, kind="pretrain"):
-    return ["--train-data-path", data[f"{kind}_train"], "--valid-data-path", data[f"{kind}_valid"],
-            "--tokenizer-model", data["tokenizer_model"]]
+def data(small_data):
+    return small_data
 
 
 ROUTER_MODES = {
@@ -41,15 +34,11 @@ ROUTER_MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", sorted(ROUTER_MODES))
-def test_every_router_mode_trains_with_ep2(tmp_path, data, mode):
-    tb = tmp_path / "tb"
-    code, out = run_training(
-        [*TINY_MODEL, *data_flags(data), *ROUTER_MODES[mode], "--train-iters", "3",
-         "--tensorboard-dir", str(tb)], tmp_path / "log")
-    assert code == 0, out[-3000:]
+def check_training_metrics(tb, mode: str, steps: list[int]) -> None:
+    """What a training run logs to TensorBoard: finite LM losses at every step, Megatron's
+    balancing loss and ours (router entropy, load imbalance, per-expert load), L_HR with EMoE."""
     losses = scalars(tb, "lm loss")
-    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    assert sorted(losses) == steps and all(math.isfinite(v) for v in losses.values())
     logged = tags(tb)
     for name in ("router_entropy", "expert_load_imbalance", "load_balancing_loss",
                  "expert_load/layer_01/expert_000", "expert_load/layer_02/expert_003"):
@@ -59,8 +48,25 @@ def test_every_router_mode_trains_with_ep2(tmp_path, data, mode):
     assert all(0 <= v <= math.log(4) + 1e-6 for v in scalars(tb, "router_entropy").values())
 
 
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory, data):
+    """3 steps of Top-k pretraining with EP = 2, saved at the end (the SFT test fine-tunes it)."""
+    root = tmp_path_factory.mktemp("topk")
+    code, out = run_training(
+        [*TINY_MODEL, *data_flags(data), *ROUTER_MODES["topk"], "--train-iters", "3",
+         "--save", str(root / "ckpt"), "--save-interval", "1000", "--tensorboard-dir", str(root / "tb")],
+        root / "log")
+    assert code == 0, out[-3000:]
+    return root
+
+
+def test_topk_trains_with_ep2(topk_run):
+    check_training_metrics(topk_run / "tb", "topk", [1, 2, 3])
+
+
 def _train_then_resume(tmp_path, data, flags):
-    """Losses of steps 4..6 of an uninterrupted run, and of a run resumed from its step-3 save."""
+    """Losses of steps 4..6 of an uninterrupted run, and of a run resumed from its step-3 save;
+    the uninterrupted run's TensorBoard folder."""
     common = [*TINY_MODEL, *data_flags(data), *flags, "--train-iters", "6", "--save-interval", "3",
               "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -73,15 +79,18 @@ def _train_then_resume(tmp_path, data, flags):
     code, out = run_training([*common, "--save", str(resumed / "ckpt"), "--load", str(resumed / "ckpt"),
                               "--tensorboard-dir", str(resumed / "tb")], tmp_path / "resumed.log")
     assert code == 0, out[-3000:]
-    return {name: ({s: v for s, v in scalars(run / "tb", name).items() if s > 3} for run in (full, resumed))
-            for name in ("lm loss", "grad-norm")}
+    curves = {name: ({s: v for s, v in scalars(run / "tb", name).items() if s > 3} for run in (full, resumed))
+              for name in ("lm loss", "grad-norm")}
+    return curves, full / "tb"
 
 
 @pytest.mark.parametrize("mode", ["emoe", "mmoe"])
-def test_resume_continues_bitwise(tmp_path, data, mode):
-    """Stopped at step 3 and resumed, the run logs exactly the losses of the run never stopped:
-    EMoE sampling, M-MoE budget draws and dropout included (tolerance 0)."""
-    curves = _train_then_resume(tmp_path, data, ROUTER_MODES[mode])
+def test_mode_trains_with_ep2_and_resumes_bitwise(tmp_path, data, mode):
+    """EMoE and M-MoE train with EP = 2 and log their metrics; stopped at step 3 and resumed, the
+    run logs exactly the losses of the run never stopped: EMoE sampling, M-MoE budget draws and
+    dropout included (tolerance 0)."""
+    curves, tb = _train_then_resume(tmp_path, data, ROUTER_MODES[mode])
+    check_training_metrics(tb, mode, [1, 2, 3, 4, 5, 6])
     for name, (full, resumed) in curves.items():
         full, resumed = dict(full), dict(resumed)
         assert sorted(full) == [4, 5, 6]
@@ -118,13 +127,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data):
     assert "exiting program after receiving SIGTERM" in (tmp_path / "log").read_text()
 
 
-def test_emoe_instruction_tuning_from_a_topk_checkpoint(tmp_path, data):
+def test_emoe_instruction_tuning_from_a_topk_checkpoint(tmp_path, data, topk_run):
     """The papers' setting: a Top-k pretrained checkpoint fine-tuned with EMoE on packed SFT data."""
-    pretrained = tmp_path / "topk"
-    code, out = run_training([*TINY_MODEL, *data_flags(data), *ROUTER_MODES["topk"],
-                              "--train-iters", "2", "--save", str(pretrained),
-                              "--save-interval", "1000"], tmp_path / "pre.log")
-    assert code == 0, out[-3000:]
+    pretrained = topk_run / "ckpt"
     tb = tmp_path / "tb"
     code, out = run_training(
         [*TINY_MODEL, *data_flags(data, "sft"), *ROUTER_MODES["emoe"], "--sft-packed",
@@ -134,6 +139,5 @@ def test_emoe_instruction_tuning_from_a_topk_checkpoint(tmp_path, data):
     assert code == 0, out[-3000:]
     assert f"loading checkpoint from {pretrained}" in out or "successfully loaded checkpoint" in out
     assert sorted(scalars(tb, "lm loss")) == [1, 2, 3]  # --finetune starts at iteration 0
-    import json
     result = json.loads((tmp_path / "sft" / "elastic_eval.json").read_text())
     assert result["router_mode"] == "emoe" and sorted(result["val_loss"]) == ["1", "2", "4"]
