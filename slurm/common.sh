@@ -1,24 +1,33 @@
 # shellcheck shell=bash
 # Shared machinery of the megatron-emoe Slurm scripts (sourced by slurm/*.sbatch, never run).
 #
-# What lives here, once: required-variable checks, the rendezvous from Slurm's variables, the
-# NCCL/PyTorch environment, the model and parallelism flags both scripts share (so a fine-tuning
-# run builds exactly the model that pretraining saved), FP8 and exit-duration flags, rendering of
-# the launcher and training commands, the dry run, and requeue-and-resume.
+# Slurm concerns only, once: required-variable checks, the YAML recipe file(s) (CONFIG, checked
+# before anything starts), the rendezvous from Slurm's variables and the node/GPU counts, the
+# NCCL/PyTorch environment, paths (data, tokenizer, outputs), the exit duration from the job's time
+# limit, rendering of the launcher and training commands, the dry run, and requeue-and-resume.
+# What the training run is (model, routing, parallelism, precision, schedule) lives in the YAML
+# file given to the entry as `--config` (examples/configs/olmoe_1b_7b.yaml by default), so both
+# scripts build the same model and the numbers are written once.
 #
-# A script sources this file, appends its own flags to the array EMOE_ARGS with the helpers
-# below, then calls `emoe_launch "$@"` (its trailing arguments become extra Megatron flags; given
-# last, they override the script's own). Every variable is read as ${VAR:-default}, so anything
-# can be set from the environment (`VAR=... sbatch ...` or `sbatch --export=ALL,VAR=...`).
+# A script sources this file, names its YAML file(s) with emoe_config, appends its own flags to
+# the array EMOE_ARGS with the helpers below, then calls `emoe_launch "$@"` (its trailing
+# arguments become extra Megatron flags; given last, they override the YAML and the script's own).
+# Every variable is read as ${VAR:-default}, so anything can be set from the environment
+# (`VAR=... sbatch ...` or `sbatch --export=ALL,VAR=...`).
 
 # ------------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------------
 emoe_log() { printf '[emoe %s] %s\n' "$(date '+%F %T')" "$*" >&2; }
 
-emoe_die() {
+emoe_die() { emoe_die_with 1 "$@"; }
+
+# emoe_die_with STATUS MESSAGE...: one line on stderr, exit with STATUS.
+emoe_die_with() {
+    local status=$1
+    shift
     printf 'ERROR: %s\n' "$*" >&2
-    exit 1
+    exit "$status"
 }
 
 emoe_dry_run() { [[ ${DRY_RUN:-0} != 0 && -n ${DRY_RUN:-} ]]; }
@@ -120,6 +129,29 @@ emoe_argv_value() {
 # emoe_abspath PATH: PATH made absolute and free of symlinks (need not exist).
 emoe_abspath() { realpath -m -- "$1" 2>/dev/null || printf '%s\n' "$1"; }
 
+# emoe_config_value KEY FILE: the value of the top-level KEY (a flag name, with dashes or
+# underscores) in the flat YAML FILE (the last one if repeated, unquoted; "" when absent). Enough
+# for the `name: value` lines of examples/configs/; the entry itself reads the file with a YAML
+# parser.
+emoe_config_value() {
+    local want=${1//_/-} file=$2 line key value=""
+    local re='^["'\'']?(--)?([A-Za-z0-9_-]+)["'\'']?[[:space:]]*:[[:space:]]*(.*)$'
+    if [[ -f $file && -r $file ]]; then
+        while IFS= read -r line || [[ -n $line ]]; do
+            [[ $line =~ $re ]] || continue
+            key=${BASH_REMATCH[2]//_/-}
+            [[ $key == "$want" ]] || continue
+            value=${BASH_REMATCH[3]%$'\r'}
+            [[ $value == '#'* ]] && value=""
+            value=${value%%[[:space:]]#*}
+            value=${value%"${value##*[![:space:]]}"}
+            value=${value#[\"\']}
+            value=${value%[\"\']}
+        done <"$file"
+    fi
+    printf '%s\n' "$value"
+}
+
 # emoe_checkpoint_iteration DIR: the iteration of DIR's latest checkpoint ("" if none).
 emoe_checkpoint_iteration() {
     local tracker=$1/latest_checkpointed_iteration.txt
@@ -136,7 +168,10 @@ emoe_setup_rendezvous() {
     NNODES=${NNODES:-${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}}
     GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
     emoe_is_int NNODES GPUS_PER_NODE SLURM_JOB_ID
-    WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
+    if ((10#$NNODES < 1 || 10#$GPUS_PER_NODE < 1)); then
+        emoe_die "NNODES and GPUS_PER_NODE must be at least 1, got NNODES=$NNODES GPUS_PER_NODE=$GPUS_PER_NODE"
+    fi
+    WORLD_SIZE=$((10#$NNODES * 10#$GPUS_PER_NODE))
 
     if [[ -z ${MASTER_ADDR:-} ]]; then
         emoe_require SLURM_JOB_NODELIST "the job's node list (or set MASTER_ADDR)"
@@ -194,104 +229,33 @@ emoe_setup_env() {
 }
 
 # ------------------------------------------------------------------------------------------------
-# Flags shared by both scripts. Each helper appends to EMOE_ARGS.
+# The training flags: the YAML recipe first (--config), then paths and the Slurm-derived flags.
+# Each helper appends to EMOE_ARGS.
 # ------------------------------------------------------------------------------------------------
 EMOE_ARGS=()
+EMOE_CONFIGS=()
 
-# Model: by default an OLMoE-1B-7B-sized MoE (16 layers, hidden 2048, 64 experts of width 1024,
-# top-8; ~7B parameters, ~1.3B active per token).
-emoe_model_args() {
-    NUM_LAYERS=${NUM_LAYERS:-16}
-    HIDDEN_SIZE=${HIDDEN_SIZE:-2048}
-    NUM_ATTENTION_HEADS=${NUM_ATTENTION_HEADS:-16}
-    NUM_QUERY_GROUPS=${NUM_QUERY_GROUPS:-} # set (e.g. 4) for grouped-query attention
-    SEQ_LENGTH=${SEQ_LENGTH:-4096}
-    ROTARY_BASE=${ROTARY_BASE:-10000}
-    NUM_EXPERTS=${NUM_EXPERTS:-64}
-    MOE_FFN_HIDDEN_SIZE=${MOE_FFN_HIDDEN_SIZE:-1024}
-    TOPK=${TOPK:-8}
-    MOE_AUX_LOSS_COEFF=${MOE_AUX_LOSS_COEFF:-1e-2}
-    MOE_Z_LOSS_COEFF=${MOE_Z_LOSS_COEFF:-1e-3}
-    emoe_is_int NUM_LAYERS HIDDEN_SIZE NUM_ATTENTION_HEADS SEQ_LENGTH NUM_EXPERTS MOE_FFN_HIDDEN_SIZE TOPK
-    EMOE_ARGS+=(
-        --num-layers "$NUM_LAYERS"
-        --hidden-size "$HIDDEN_SIZE"
-        --num-attention-heads "$NUM_ATTENTION_HEADS"
-        --seq-length "$SEQ_LENGTH"
-        --max-position-embeddings "$SEQ_LENGTH"
-        --position-embedding-type rope
-        --rotary-base "$ROTARY_BASE"
-        --normalization RMSNorm
-        --qk-layernorm
-        --swiglu
-        --disable-bias-linear
-        --untie-embeddings-and-output-weights
-        --attention-dropout 0.0
-        --hidden-dropout 0.0
-        --init-method-std 0.02
-        --num-experts "$NUM_EXPERTS"
-        --moe-ffn-hidden-size "$MOE_FFN_HIDDEN_SIZE"
-        --moe-router-topk "$TOPK"
-        --moe-router-load-balancing-type aux_loss
-        --moe-aux-loss-coeff "$MOE_AUX_LOSS_COEFF"
-        --moe-z-loss-coeff "$MOE_Z_LOSS_COEFF"
-        --moe-router-dtype fp32
-        --moe-grouped-gemm
-        --moe-token-dispatcher-type alltoall
-        --moe-permute-fusion
-        --transformer-impl transformer_engine
-        --bf16
-    )
-    if [[ -n $NUM_QUERY_GROUPS ]]; then
-        EMOE_ARGS+=(--group-query-attention --num-query-groups "$NUM_QUERY_GROUPS")
+# emoe_config NAME DEFAULT WHAT: the YAML file named by variable NAME (default DEFAULT; a relative
+# path is taken from the repository) becomes `--config FILE` in EMOE_ARGS, with FILE absolute. A
+# missing file stops the script before anything starts: one line on stderr, exit status 2.
+emoe_config() {
+    local name=$1 default=$2 what=$3 given path
+    given=${!name:-$default}
+    path=$given
+    [[ $path == /* ]] || path=$REPO_DIR/$path
+    path=$(emoe_abspath "$path")
+    if [[ ! -f $path || ! -r $path ]]; then
+        emoe_die_with 2 "$name=$given: no such file ($path); $name is $what"
     fi
-}
-
-# Parallelism and optimizer sharding. EP is the expert-parallel size.
-emoe_parallel_args() {
-    TP=${TP:-1}
-    PP=${PP:-1}
-    CP=${CP:-1}
-    EP=${EP:-8}
-    ETP=${ETP:-1}
-    emoe_is_int TP PP CP EP ETP
-    EMOE_ARGS+=(
-        --tensor-model-parallel-size "$TP"
-        --pipeline-model-parallel-size "$PP"
-        --context-parallel-size "$CP"
-        --expert-model-parallel-size "$EP"
-        --expert-tensor-parallel-size "$ETP"
-        --use-distributed-optimizer
-        --overlap-grad-reduce
-        --overlap-param-gather
-        --distributed-timeout-minutes "${DIST_TIMEOUT_MINS:-30}"
-    )
-    if ((TP > 1)); then
-        EMOE_ARGS+=(--sequence-parallel)
-    fi
-}
-
-# FP8 behind one variable: FP8=hybrid (or e4m3) turns it on, FP8_RECIPE picks the scaling.
-emoe_fp8_args() {
-    FP8=${FP8:-}
-    FP8_RECIPE=${FP8_RECIPE:-delayed}
-    case ${FP8,,} in
-        "" | 0 | no | none | off | false) return 0 ;;
-        hybrid | e4m3) ;;
-        *) emoe_die "FP8 must be hybrid, e4m3 or empty (off), got '$FP8'" ;;
-    esac
-    case $FP8_RECIPE in
-        delayed | tensorwise | blockwise | mxfp8) ;;
-        *) emoe_die "FP8_RECIPE must be delayed, tensorwise, blockwise or mxfp8, got '$FP8_RECIPE'" ;;
-    esac
-    # Pad each expert's token count to FP8 GEMM alignment in the router (needed by grouped GEMM).
-    EMOE_ARGS+=(--fp8-format "${FP8,,}" --fp8-recipe "$FP8_RECIPE" --moe-router-padding-for-quantization)
+    printf -v "$name" '%s' "$path"
+    EMOE_CONFIGS+=("$path")
+    EMOE_ARGS+=(--config "$path")
 }
 
 # Data and tokenizer. DATA_PREFIX may be a blend: "0.7 /data/a_text_document 0.3 /data/b_text_document".
 emoe_data_args() {
     emoe_require DATA_PREFIX "$1"
-    emoe_require TOKENIZER "the tokenizer: a Hugging Face tokenizer folder or name (TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer})"
+    emoe_require TOKENIZER "the tokenizer (--tokenizer-model): a Hugging Face tokenizer folder or name"
     local prefixes word
     read -r -a prefixes <<<"$DATA_PREFIX"
     if ! emoe_dry_run && [[ ${CHECK_PATHS:-1} != 0 ]]; then
@@ -302,50 +266,19 @@ emoe_data_args() {
     fi
     EMOE_ARGS+=(
         --data-path "${prefixes[@]}"
-        --split "${SPLIT:-99,1,0}"
-        --tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}"
         --tokenizer-model "$TOKENIZER"
         --data-cache-path "${DATA_CACHE:-$OUTPUT_DIR/data_cache}"
-        --num-workers "${NUM_WORKERS:-2}"
     )
 }
 
-# Learning-rate schedule, batch sizes, logging, evaluation.
-emoe_schedule_args() {
-    MBS=${MBS:-1}
-    GBS=${GBS:-256}
-    emoe_is_int MBS GBS TRAIN_ITERS WARMUP_ITERS SAVE_INTERVAL
-    EMOE_ARGS+=(
-        --micro-batch-size "$MBS"
-        --global-batch-size "$GBS"
-        --train-iters "$TRAIN_ITERS"
-        --lr "$LR"
-        --min-lr "$MIN_LR"
-        --lr-decay-style cosine
-        --lr-warmup-iters "$WARMUP_ITERS"
-        --weight-decay "${WEIGHT_DECAY:-0.1}"
-        --adam-beta1 0.9
-        --adam-beta2 0.95
-        --clip-grad 1.0
-        --log-interval "${LOG_INTERVAL:-10}"
-        --log-throughput
-        --eval-interval "${EVAL_INTERVAL:-1000}"
-        --eval-iters "${EVAL_ITERS:-20}"
-        --tensorboard-dir "${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}"
-        --seed "${SEED:-1234}"
-    )
-}
-
-# Checkpointing: distributed (torch_dist) checkpoints, resharded on load when the parallel layout
-# changes; --exit-signal-handler makes Megatron save a checkpoint and exit after SIGTERM.
+# Outputs and what requeue-and-resume needs: checkpoints in SAVE (saved also on SIGTERM, by
+# --exit-signal-handler), TensorBoard, and a stop before the job's time limit.
 emoe_checkpoint_args() {
     local save=$1
     EMOE_ARGS+=(
         --save "$save"
-        --save-interval "$SAVE_INTERVAL"
-        --ckpt-format torch_dist
-        --ckpt-fully-parallel-load
         --exit-signal-handler
+        --tensorboard-dir "${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}"
     )
     EXIT_MARGIN_MINS=${EXIT_MARGIN_MINS:-10}
     emoe_is_int EXIT_MARGIN_MINS
@@ -380,9 +313,13 @@ emoe_exit_duration_mins() {
 # ------------------------------------------------------------------------------------------------
 # Rendering, dry run, launch, requeue-and-resume.
 # ------------------------------------------------------------------------------------------------
-# LAUNCHER=torchrun (default): one torchrun per node, c10d rendezvous on MASTER_ADDR:MASTER_PORT.
+# The training entry, run as a module (PYTHONPATH holds REPO_DIR, so an uninstalled checkout works).
+EMOE_ENTRY_MODULE=megatron_emoe.cli.pretrain
+
+# LAUNCHER=torchrun (default): one torchrun per node, c10d rendezvous on MASTER_ADDR:MASTER_PORT,
+# the entry run with `--module`.
 # LAUNCHER=srun: one task per GPU, no torchrun; each task gets RANK/LOCAL_RANK/WORLD_SIZE from
-# Slurm (submit with --ntasks-per-node=$GPUS_PER_NODE).
+# Slurm (submit with --ntasks-per-node=$GPUS_PER_NODE) and runs `python -m` the entry.
 emoe_render_launcher() {
     local srun_extra=() cpus=${CPUS_PER_TASK:-}
     read -r -a srun_extra <<<"${SRUN_EXTRA_ARGS:-}"
@@ -400,6 +337,7 @@ emoe_render_launcher() {
                 --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
                 --rdzv-id "$SLURM_JOB_ID"
                 --max-restarts 0
+                --module
             )
             ;;
         srun)
@@ -411,7 +349,7 @@ emoe_render_launcher() {
             # shellcheck disable=SC2016 # expanded by the task's bash, not here
             EMOE_LAUNCH_CMD+=(${srun_extra[@]+"${srun_extra[@]}"}
                 bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"'
-                emoe-task "${PYTHON:-python}"
+                emoe-task "${PYTHON:-python}" -m
             )
             ;;
         *) emoe_die "LAUNCHER must be torchrun or srun, got '${LAUNCHER}'" ;;
@@ -456,12 +394,30 @@ _emoe_on_term() {
     EMOE_TERMINATING=1
 }
 
+# --train-iters of the training command as the entry reads it: from a `--config FILE` (its
+# train-iters line) or a --train-iters flag, the last one in the command winning.
+_emoe_train_iters() {
+    local iters="" prev="" arg value
+    for arg in "${EMOE_TRAIN_CMD[@]}"; do
+        if [[ $prev == --train-iters ]]; then
+            iters=$arg
+        elif [[ $arg == --train-iters=* ]]; then
+            iters=${arg#*=}
+        elif [[ $prev == --config ]]; then
+            value=$(emoe_config_value train-iters "$arg")
+            if [[ -n $value ]]; then iters=$value; fi
+        fi
+        prev=$arg
+    done
+    printf '%s\n' "$iters"
+}
+
 # Should a cleanly finished step be followed by another job? Yes when training stopped before its
 # last iteration (--exit-duration-in-mins) and requeueing is allowed.
 _emoe_unfinished() {
     local save iters done_iter
     save=$(emoe_argv_value --save "${EMOE_TRAIN_CMD[@]}")
-    iters=$(emoe_argv_value --train-iters "${EMOE_TRAIN_CMD[@]}")
+    iters=$(_emoe_train_iters)
     done_iter=$(emoe_checkpoint_iteration "$save")
     [[ $iters =~ ^[0-9]+$ && $done_iter =~ ^[0-9]+$ ]] && ((10#$done_iter < 10#$iters))
 }
@@ -485,15 +441,13 @@ emoe_print_dry_run() {
 # emoe_launch EXTRA_FLAG...: render the commands; print them (DRY_RUN=1) or run them with
 # requeue-and-resume.
 emoe_launch() {
-    ENTRY=${ENTRY:-$REPO_DIR/examples/pretrain_gpt_emoe.py}
     emoe_render_launcher
-    EMOE_TRAIN_CMD=("$ENTRY" "${EMOE_ARGS[@]}" "$@")
+    EMOE_TRAIN_CMD=("$EMOE_ENTRY_MODULE" "${EMOE_ARGS[@]}" "$@")
     if emoe_dry_run; then
         emoe_print_dry_run
         return 0
     fi
 
-    [[ -f $ENTRY ]] || emoe_die "ENTRY=$ENTRY does not exist"
     mkdir -p "$OUTPUT_DIR"
     emoe_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s) x $GPUS_PER_NODE GPU(s), master $MASTER_ADDR:$MASTER_PORT"
     emoe_log "${EMOE_RESUME_NOTE:-}"

@@ -1,9 +1,10 @@
 """The Slurm scripts in slurm/: syntax, dry-run rendering, and requeue-and-resume (no real Slurm).
 
 Dry runs render the launcher and training commands with fake SLURM_* variables; the training argv
-is parsed back with the training entry's own parser (so every flag is a real Megatron-or-ours
-flag) and checked by Megatron's `validate_args` for a world of the rendered size. The
-requeue machinery runs for real against fake `srun`, `scancel` and `scontrol` commands.
+(`--config` the YAML recipe, then the scripts' paths and Slurm-derived flags) is parsed back with
+the training entry's own parser, which expands the YAML (so every flag is a real Megatron-or-ours
+flag), and checked by Megatron's `validate_args` for a world of the rendered size. The requeue
+machinery runs for real against fake `srun`, `scancel` and `scontrol` commands.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ PRETRAIN = SLURM / "pretrain_emoe.sbatch"
 FINETUNE = SLURM / "finetune_emoe_ep.sbatch"
 SCRIPTS = [PRETRAIN, FINETUNE]
 MARKERS = ("ENV", "LAUNCHER", "TRAINING", "RESUME")
+CONFIGS = ROOT / "examples" / "configs"
+MODEL_YAML = CONFIGS / "olmoe_1b_7b.yaml"
+SFT_YAML = CONFIGS / "olmoe_1b_7b_sft.yaml"
+ENTRY_MODULE = "megatron_emoe.cli.pretrain"
+# Flags that define the model's weights: fine-tuning must build what pretraining saved.
+ARCHITECTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "group_query_attention", "num_query_groups", "seq_length", "max_position_embeddings",
+                "position_embedding_type", "rotary_base", "normalization", "qk_layernorm", "swiglu",
+                "add_bias_linear", "untie_embeddings_and_output_weights", "num_experts",
+                "moe_ffn_hidden_size", "moe_router_topk")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +143,21 @@ def parse():
 
 
 def training_argv(sections: dict[str, str]) -> list[str]:
+    """The entry's argv; the launcher runs the entry as a module (torchrun --module, python -m)."""
     argv = shlex.split(sections["TRAINING"])
-    assert argv[0].endswith("examples/pretrain_gpt_emoe.py")
+    assert argv[0] == ENTRY_MODULE
+    launcher = shlex.split(sections["LAUNCHER"])
+    assert launcher[-1] in ("--module", "-m"), launcher
     return argv[1:]
+
+
+def config_value(key: str, path: Path) -> str:
+    """common.sh's emoe_config_value KEY FILE."""
+    return subprocess.run(
+        ["bash", "-c", f'source {shlex.quote(str(SLURM / "common.sh"))}; emoe_config_value "$1" "$2"',
+         "_", key, str(path)],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.rstrip("\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +181,7 @@ def test_shellcheck():
 # Dry runs
 # ---------------------------------------------------------------------------------------------
 def test_pretrain_dry_run(tmp_path, parse):
-    sections = dry_run(PRETRAIN, base_env(tmp_path, EP="8"), "--log-interval", "1")
+    sections = dry_run(PRETRAIN, base_env(tmp_path), "--log-interval", "1")
     env = env_section(sections["ENV"])
     assert env["MASTER_ADDR"] == "gpu07"  # first host of gpu[07-10], computed without scontrol
     assert env["MASTER_PORT"] == str(20000 + 4242 % 20000)
@@ -173,8 +196,13 @@ def test_pretrain_dry_run(tmp_path, parse):
     assert flag_values(torchrun, "--rdzv-backend") == [["c10d"]]
     assert flag_values(torchrun, "--rdzv-endpoint") == [[f"gpu07:{env['MASTER_PORT']}"]]
     assert flag_values(torchrun, "--rdzv-id") == [["4242"]]
+    assert torchrun[-1] == "--module"
 
     argv = training_argv(sections)
+    # The recipe is the default YAML, first; the script adds only paths and Slurm-derived flags.
+    assert argv[:2] == ["--config", str(MODEL_YAML)] and flag_values(argv, "--config") == [[str(MODEL_YAML)]]
+    assert not {"--num-layers", "--num-experts", "--lr", "--train-iters", "--expert-model-parallel-size",
+                "--micro-batch-size"} & set(argv)
     args = parse(argv, world_size=32)
     ckpt = str(tmp_path / "out" / "checkpoints")
     assert args.save == ckpt and args.load == ckpt and not args.finetune
@@ -185,11 +213,14 @@ def test_pretrain_dry_run(tmp_path, parse):
     assert args.moe_grouped_gemm and args.moe_token_dispatcher_type == "alltoall"
     assert args.transformer_impl == "transformer_engine" and args.bf16
     assert args.use_distributed_optimizer and args.ckpt_format == "torch_dist"
+    assert (args.train_iters, args.global_batch_size, args.micro_batch_size) == (100000, 512, 2)
+    assert (args.lr, args.min_lr, args.save_interval, args.split) == (4e-4, 4e-5, 1000, "99,1,0")
     assert args.data_path == [str(tmp_path / "data" / "corpus_text_document")]
     assert args.tokenizer_model == str(tmp_path / "tokenizer")
     assert args.log_interval == 1  # trailing flags come last and win
     assert args.fp8 is None and not args.moe_router_padding_for_quantization
     assert "--fp8-format" not in argv and "--fp8-recipe" not in argv
+    assert args.tensorboard_dir == str(tmp_path / "out" / "tensorboard")
     assert args.exit_duration_in_mins is None  # no time limit known here
     assert "start from scratch" in sections["RESUME"]
 
@@ -208,7 +239,9 @@ def test_pretrain_dry_run(tmp_path, parse):
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
 def test_pretrain_fp8_flags(tmp_path, parse, recipe):
-    sections = dry_run(PRETRAIN, base_env(tmp_path, FP8="hybrid", FP8_RECIPE=recipe))
+    """FP8 is part of the recipe: YAML keys or trailing flags (as the YAML's comment says)."""
+    sections = dry_run(PRETRAIN, base_env(tmp_path), "--fp8-format", "hybrid", "--fp8-recipe", recipe,
+                       "--moe-router-padding-for-quantization")
     args = parse(training_argv(sections), world_size=32)
     assert (args.fp8, args.fp8_recipe) == ("hybrid", recipe)
     assert args.moe_router_padding_for_quantization
@@ -225,14 +258,13 @@ def test_pretrain_overrides_resume_and_exit_duration(tmp_path, parse):
         MASTER_PORT="29555",
         GPUS_PER_NODE="4",
         SLURM_NNODES="2",
-        EP="4",
-        ROUTER_MODE="topk",
         SLURM_JOB_END_TIME=str(int(time.time()) + 2 * 3600),
         EXIT_MARGIN_MINS="15",
         NCCL_SOCKET_IFNAME="ib0",
         NCCL_IB_HCA="mlx5_0,mlx5_1",
     )
-    sections = dry_run(PRETRAIN, env)
+    overrides = ("--expert-model-parallel-size", "4", "--moe-router-mode", "topk")
+    sections = dry_run(PRETRAIN, env, *overrides)
     env_vars = env_section(sections["ENV"])
     assert env_vars["MASTER_ADDR"] == "10.0.0.5" and env_vars["MASTER_PORT"] == "29555"
     assert env_vars["NCCL_SOCKET_IFNAME"] == "ib0" and env_vars["GLOO_SOCKET_IFNAME"] == "ib0"
@@ -248,9 +280,9 @@ def test_pretrain_overrides_resume_and_exit_duration(tmp_path, parse):
     assert 120 - 15 - 1 <= args.exit_duration_in_mins <= 120 - 15
     assert "resume from" in sections["RESUME"] and "3000" in sections["RESUME"]
 
-    sections = dry_run(PRETRAIN, {**env, "EXIT_DURATION_MINS": "0"})
+    sections = dry_run(PRETRAIN, {**env, "EXIT_DURATION_MINS": "0"}, *overrides)
     assert "--exit-duration-in-mins" not in training_argv(sections)
-    sections = dry_run(PRETRAIN, {**env, "EXIT_DURATION_MINS": "77"})
+    sections = dry_run(PRETRAIN, {**env, "EXIT_DURATION_MINS": "77"}, *overrides)
     assert flag_values(training_argv(sections), "--exit-duration-in-mins") == [["77"]]
 
 
@@ -266,6 +298,74 @@ def test_scontrol_gives_master_addr_when_present(tmp_path):
     assert env_section(sections["ENV"])["MASTER_ADDR"] == "host-x"
 
 
+def test_config_relative_to_the_repository_and_custom(tmp_path, parse):
+    """CONFIG: a relative path is taken from the repository (whatever the current folder), an
+    absolute one as it is; the file's model is what the entry builds."""
+    env = base_env(tmp_path, CONFIG="examples/configs/tiny.yaml")
+    proc = subprocess.run(["bash", str(PRETRAIN)], env={**env, "DRY_RUN": "1"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert f"--config {CONFIGS / 'tiny.yaml'} " in proc.stdout
+
+    custom = tmp_path / "my model.yaml"
+    custom.write_text(MODEL_YAML.read_text().replace("num-layers: 16", "num-layers: 4"))
+    argv = training_argv(dry_run(PRETRAIN, base_env(tmp_path, CONFIG=str(custom))))
+    assert flag_values(argv, "--config") == [[str(custom)]]
+    args = parse(argv, world_size=32)
+    assert (args.num_layers, args.hidden_size, args.num_experts) == (4, 2048, 64)
+
+
+@pytest.mark.parametrize(
+    "script, name",
+    [(PRETRAIN, "CONFIG"), (FINETUNE, "CONFIG"), (FINETUNE, "SFT_CONFIG")],
+)
+@pytest.mark.parametrize("given", ["examples/configs/nope.yaml", "/nonexistent/recipe.yaml", "examples/configs"])
+def test_missing_config_is_refused_before_anything_starts(tmp_path, script, name, given):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for command in ("srun", "scontrol", "scancel"):
+        (fake_bin / command).write_text(f'#!/bin/bash\ntouch {shlex.quote(str(tmp_path))}/ran-{command}\n')
+        (fake_bin / command).chmod(0o755)
+    env = finetune_env(tmp_path) if script == FINETUNE else base_env(tmp_path)
+    env.update({name: given, "PATH": f"{fake_bin}:{env['PATH']}", "CHECK_PATHS": "0"})
+    for dry in ("1", "0"):
+        proc = subprocess.run(["bash", str(script)], env={**env, "DRY_RUN": dry}, capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"ERROR: {name}={given}: no such file ")
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert proc.stdout == ""
+    assert not list(tmp_path.glob("ran-*")) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("train-iters: 1000\n", "1000"),
+        ("train_iters: 1000  # steps\n", "1000"),
+        ("'train-iters': \"1000\"\n", "1000"),
+        ("--train-iters: 7\r\n", "7"),
+        ("train-iters: 5\ntrain-iters: 6", "6"),  # the last one, no final newline
+        ("lr: 1.0e-3\n  train-iters: 9\n", ""),  # not top-level
+        ("train-iters-x: 1\n# train-iters: 2\n", ""),
+        ("train-iters: # none\n", ""),
+    ],
+)
+def test_config_value(tmp_path, text, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert config_value("train-iters", path) == value
+
+
+def test_config_value_reads_the_shipped_configs():
+    yaml = pytest.importorskip("yaml")
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        mapping = yaml.safe_load(path.read_text())
+        for key in ("train-iters", "micro-batch-size", "num-experts", "split"):
+            expected = mapping.get(key)
+            assert config_value(key, path) == ("" if expected is None else str(expected)), (path, key)
+
+
 def test_srun_launcher(tmp_path, parse):
     sections = dry_run(PRETRAIN, base_env(tmp_path, LAUNCHER="srun", SLURM_CPUS_ON_NODE="128"))
     launcher = shlex.split(sections["LAUNCHER"])
@@ -273,24 +373,28 @@ def test_srun_launcher(tmp_path, parse):
     assert "--ntasks=32" in launcher and "--ntasks-per-node=8" in launcher
     assert "--cpus-per-task=16" in launcher
     assert "RANK=$SLURM_PROCID" in launcher[launcher.index("-c") + 1]
+    assert launcher[-2:] == ["python", "-m"]
     parse(training_argv(sections), world_size=32)
 
 
 def test_finetune_switches_to_resume(tmp_path, parse):
-    env = finetune_env(tmp_path, HR_LOSS_COEFF="5e-4")
-    first = dry_run(FINETUNE, env)
+    env = finetune_env(tmp_path)
+    first = dry_run(FINETUNE, env, "--emoe-hr-loss-coeff", "5e-4")
     launcher = shlex.split(first["LAUNCHER"])
     assert flag_values(launcher, "--nnodes") == [["2"]]
     assert flag_values(launcher, "--rdzv-endpoint")[0][0].startswith("nodeA:")
     assert flag_values(launcher, "--rdzv-id") == [["4242"]]
 
     argv = training_argv(first)
+    # The model YAML, then the fine-tuning one (later, so it wins).
+    assert argv[:4] == ["--config", str(MODEL_YAML), "--config", str(SFT_YAML)]
     args = parse(argv, world_size=16)
     assert args.finetune and args.load == env["PRETRAINED"] and args.save == env["CKPT"]
     assert args.sft_packed and args.exit_signal_handler and args.exit_on_missing_checkpoint
     assert (args.moe_router_mode, args.emoe_hr_loss_coeff) == ("emoe", 5e-4)
     # Experts are spread over both nodes: EP 16 over 2 x 8 GPUs.
     assert args.expert_model_parallel_size == 16 and args.num_experts % 16 == 0
+    assert (args.train_iters, args.global_batch_size, args.lr, args.split) == (2000, 128, 1e-5, "98,2,0")
     assert "start fine-tuning" in first["RESUME"]
 
     # A requeued job finds its own checkpoint and resumes it, without --finetune.
@@ -304,13 +408,21 @@ def test_finetune_switches_to_resume(tmp_path, parse):
     assert "resume fine-tuning" in again["RESUME"] and "400" in again["RESUME"]
 
 
-def test_finetune_shares_the_pretraining_model(tmp_path):
-    """The fine-tuning run builds the model pretraining saved (same architecture flags)."""
-    pre = training_argv(dry_run(PRETRAIN, base_env(tmp_path)))
-    sft = training_argv(dry_run(FINETUNE, finetune_env(tmp_path)))
-    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--num-experts",
-                 "--moe-ffn-hidden-size", "--moe-router-topk", "--seq-length", "--swiglu"):
-        assert flag_values(pre, flag) == flag_values(sft, flag), flag
+def test_finetune_shares_the_pretraining_model(tmp_path, parse):
+    """The fine-tuning run builds the model pretraining saved: the same model YAML (also a custom
+    CONFIG), and a fine-tuning YAML that changes no architecture flag."""
+    yaml = pytest.importorskip("yaml")
+    sft_keys = {key.replace("-", "_") for key in yaml.safe_load(SFT_YAML.read_text())}
+    assert not sft_keys & {*ARCHITECTURE, "disable_bias_linear"}
+    for config in (None, CONFIGS / "tiny.yaml"):
+        extra = {} if config is None else {"CONFIG": str(config)}
+        pre = training_argv(dry_run(PRETRAIN, base_env(tmp_path, **extra)))
+        sft = training_argv(dry_run(FINETUNE, finetune_env(tmp_path, **extra)))
+        assert flag_values(pre, "--config")[0] == flag_values(sft, "--config")[0]
+        if config is None:
+            pre_args, sft_args = parse(pre, world_size=32), parse(sft, world_size=16)
+            for name in ARCHITECTURE:
+                assert getattr(pre_args, name) == getattr(sft_args, name), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,10 +454,8 @@ def test_missing_variable_is_a_clear_error(tmp_path, script, drop, message):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (dict(FP8="fp4"), "FP8 must be hybrid, e4m3 or empty"),
-        (dict(FP8="hybrid", FP8_RECIPE="exotic"), "FP8_RECIPE must be"),
-        (dict(EP="eight"), "EP must be a non-negative integer"),
-        (dict(ROUTER_MODE="dense"), "ROUTER_MODE must be topk, emoe or mmoe"),
+        (dict(GPUS_PER_NODE="eight"), "GPUS_PER_NODE must be a non-negative integer"),
+        (dict(SLURM_NNODES="0"), "NNODES and GPUS_PER_NODE must be at least 1"),
         (dict(LAUNCHER="mpirun"), "LAUNCHER must be torchrun or srun"),
         (dict(EXIT_DURATION_MINS="1h"), "EXIT_DURATION_MINS must be whole minutes"),
         (dict(SLURM_JOB_NODELIST=""), "SLURM_JOB_NODELIST is not set"),
@@ -431,15 +541,15 @@ def launch_env(tmp_path: Path, mode: str, save_iter: int, **extra: str) -> dict[
         path = fake / "bin" / name
         path.write_text(textwrap.dedent(text))
         path.chmod(0o755)
-    entry = tmp_path / "entry.py"
-    entry.write_text("raise SystemExit('the fake srun never runs this')\n")
+    # The step's length comes from the recipe, read back by the script to decide on a requeue.
+    config = tmp_path / "recipe.yaml"
+    config.write_text(MODEL_YAML.read_text().replace("train-iters: 100000", "train-iters: 1000"))
     ckpt = tmp_path / "ckpt"
     env = base_env(
         tmp_path,
         CKPT=str(ckpt),
-        ENTRY=str(entry),
+        CONFIG=str(config),
         CHECK_PATHS="0",
-        TRAIN_ITERS="1000",
         REQUEUE_WATCHDOG_S="0",
         FAKE_DIR=str(fake),
         FAKE_LOG=str(fake / "calls.log"),
@@ -457,8 +567,8 @@ def calls(env: dict[str, str]) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def start_and_signal(env: dict[str, str], sig: int | None) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(["bash", str(PRETRAIN)], env=env, stdout=subprocess.PIPE,
+def start_and_signal(env: dict[str, str], sig: int | None, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(["bash", str(PRETRAIN), *extra], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if sig is not None:
         running = Path(env["FAKE_DIR"]) / "running"
@@ -479,6 +589,7 @@ def test_usr1_checkpoints_then_requeues(tmp_path):
     result = start_and_signal(env, signal.SIGUSR1)
     log = calls(env)
     assert log[0].startswith("srun --nodes=4 ") and " torchrun " in log[0]
+    assert f" --module {ENTRY_MODULE} --config " in log[0]
     assert "--rdzv-endpoint fakehost1:" in log[0]  # MASTER_ADDR from scontrol show hostnames
     assert log[1:] == ["scancel --signal=TERM 4242", "step saved 480", "scontrol requeue 4242"], (
         log, result.stderr)
@@ -507,17 +618,19 @@ def test_term_waits_for_the_step_and_does_not_requeue(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "mode, save_iter, extra, requeued, rc",
+    "mode, save_iter, extra, args, requeued, rc",
     [
-        ("exit0", 500, {}, True, 0),  # --exit-duration-in-mins stopped it early: go on
-        ("exit0", 1000, {}, False, 0),  # finished
-        ("exit0", 500, dict(SLURM_RESTART_COUNT="5", MAX_REQUEUES="5"), False, 0),
-        ("exit0", 500, dict(REQUEUE="0"), False, 0),
-        ("fail", 0, {}, False, 3),  # a crash is not requeued in a loop
+        ("exit0", 500, {}, (), True, 0),  # --exit-duration-in-mins stopped it early: go on
+        ("exit0", 1000, {}, (), False, 0),  # finished (train-iters 1000 in the YAML)
+        ("exit0", 500, {}, ("--train-iters", "500"), False, 0),  # a trailing flag beats the YAML
+        ("exit0", 1000, {}, ("--train-iters=2000",), True, 0),
+        ("exit0", 500, dict(SLURM_RESTART_COUNT="5", MAX_REQUEUES="5"), (), False, 0),
+        ("exit0", 500, dict(REQUEUE="0"), (), False, 0),
+        ("fail", 0, {}, (), False, 3),  # a crash is not requeued in a loop
     ],
 )
-def test_requeue_after_step_exit(tmp_path, mode, save_iter, extra, requeued, rc):
+def test_requeue_after_step_exit(tmp_path, mode, save_iter, extra, args, requeued, rc):
     env = launch_env(tmp_path, mode, save_iter, **extra)
-    result = start_and_signal(env, None)
+    result = start_and_signal(env, None, *args)
     assert result.returncode == rc, result.stderr
     assert ("scontrol requeue 4242" in calls(env)) == requeued, (calls(env), result.stderr)
