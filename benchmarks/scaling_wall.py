@@ -27,7 +27,10 @@ Modes: `topk`; `emoe` with k_ideal = 2k (`--emoe-k-ideal`) and L_HR (`--emoe-hr-
 Learning rates: cosine from the peak (`--pretrain-lr`, `--finetune-lr`) to a tenth, warm-up a
 tenth of the steps; weight decay 0.1, gradient clipping 1.0, aux loss 0.01, no dropout.
 
-Profiles (the flags override them):
+Profiles (the flags override them). Each profile's model is a YAML file of Megatron flags,
+examples/configs/scaling_wall_{quick,cpu,gpu}.yaml, which every run gets as `--config` (this script
+reads its sizes from there, and its --topk, --num-experts and --seq-length flags override them);
+the batch, schedule and learning rates are this script's:
 
 - CPU (default): 4 layers, hidden 128, 16 experts of width 128 per layer, k = 2 (k' = 1 ... 6),
   16 x 256 tokens per step, 2 gloo processes (EP 2); (a) 600 steps (2.46M tokens, lr 3e-3),
@@ -72,6 +75,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 
 from benchmarks import common  # noqa: E402
 
@@ -89,24 +93,48 @@ SETTINGS = {
 
 CONSUMED = re.compile(r"iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+)")
 
-# Model and optimisation per profile. Every layer is MoE; EP = number of processes.
-PROFILES = {
-    "quick": dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                  num_experts=8, moe_ffn_hidden_size=32, topk=2, seq_length=64,
-                  micro_batch_size=2, global_batch_size=8, pretrain_iters=4, finetune_iters=3,
+# Model per profile: a YAML file of Megatron flags (every layer MoE), given to every run as --config.
+CONFIGS = REPO / "examples" / "configs"
+# The model sizes this script reads from it (its attribute names -> the YAML's flag names).
+MODEL_KEYS = {
+    "num_layers": "num-layers", "hidden_size": "hidden-size", "ffn_hidden_size": "ffn-hidden-size",
+    "num_attention_heads": "num-attention-heads", "num_experts": "num-experts",
+    "moe_ffn_hidden_size": "moe-ffn-hidden-size", "topk": "moe-router-topk", "seq_length": "seq-length",
+}
+# Batch, optimisation and schedule per profile; EP = number of processes.
+SCHEDULES = {
+    "quick": dict(micro_batch_size=2, global_batch_size=8, pretrain_iters=4, finetune_iters=3,
                   pretrain_lr=3e-3, finetune_lr=1e-3, eval_iters=2, init_check_eval_iters=1,
                   log_interval=1),
-    "cpu": dict(num_layers=4, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4,
-                num_experts=16, moe_ffn_hidden_size=128, topk=2, seq_length=256,
-                micro_batch_size=8, global_batch_size=16, pretrain_iters=600, finetune_iters=120,
+    "cpu": dict(micro_batch_size=8, global_batch_size=16, pretrain_iters=600, finetune_iters=120,
                 pretrain_lr=3e-3, finetune_lr=1e-3, eval_iters=None, init_check_eval_iters=2,
                 log_interval=10),
-    "gpu": dict(num_layers=8, hidden_size=512, ffn_hidden_size=2048, num_attention_heads=8,
-                num_experts=64, moe_ffn_hidden_size=256, topk=4, seq_length=1024,
-                micro_batch_size=4, global_batch_size=64, pretrain_iters=2000,
-                finetune_iters=200, pretrain_lr=1e-3, finetune_lr=3e-4, eval_iters=None,
-                init_check_eval_iters=2, log_interval=20),
+    "gpu": dict(micro_batch_size=4, global_batch_size=64, pretrain_iters=2000, finetune_iters=200,
+                pretrain_lr=1e-3, finetune_lr=3e-4, eval_iters=None, init_check_eval_iters=2,
+                log_interval=20),
 }
+
+
+def profile_config(profile: str) -> Path:
+    """The profile's model: examples/configs/scaling_wall_<profile>.yaml."""
+    return CONFIGS / f"{NAME}_{profile}.yaml"
+
+
+def model_sizes(path: Path) -> dict[str, int]:
+    """The model sizes of a profile's YAML file, under this script's names."""
+    with open(path, encoding="utf-8") as f:
+        mapping = yaml.safe_load(f) or {}
+    missing = [key for key in MODEL_KEYS.values() if key not in mapping]
+    if missing:
+        raise SystemExit(f"{path}: no {', '.join(missing)}")
+    if mapping.get("max-position-embeddings", mapping["seq-length"]) != mapping["seq-length"]:
+        raise SystemExit(f"{path}: max-position-embeddings must equal seq-length")
+    return {name: int(mapping[key]) for name, key in MODEL_KEYS.items()}
+
+
+# Everything per profile: the model sizes (from its YAML file) and the schedule.
+PROFILES = {name: {**model_sizes(profile_config(name)), **schedule}
+            for name, schedule in SCHEDULES.items()}
 
 # Flags this script sets itself (passing them after `--` would break the comparison).
 OWNED_FLAGS = {
@@ -206,6 +234,7 @@ def finish_args(args: argparse.Namespace) -> None:
     import torch
 
     args.profile = "quick" if args.quick else ("gpu" if args.gpu else "cpu")
+    args.config = profile_config(args.profile)
     profile = PROFILES[args.profile]
     for name, value in profile.items():
         if getattr(args, name, None) is None:
@@ -369,19 +398,24 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def size_overrides(args) -> list[str]:
+    """The model sizes given on this script's command line that differ from the profile's YAML."""
+    defaults = PROFILES[args.profile]
+    flags = []
+    for name, key in MODEL_KEYS.items():
+        value = getattr(args, name)
+        if value != defaults[name]:
+            flags += ["--" + key, str(value)]
+            if name == "seq_length":
+                flags += ["--max-position-embeddings", str(value)]
+    return flags
+
+
 def model_flags(args, data) -> list[str]:
-    """Model, batch, seed and device flags shared by every run."""
+    """Model (the profile's YAML, the size flags given here on top), batch, seed and device flags
+    shared by every run."""
     flags = [
-        "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
-        "--ffn-hidden-size", str(args.ffn_hidden_size),
-        "--num-attention-heads", str(args.num_attention_heads),
-        "--seq-length", str(args.seq_length), "--max-position-embeddings", str(args.seq_length),
-        "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
-        "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-        "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
-        "--num-experts", str(args.num_experts), "--moe-ffn-hidden-size", str(args.moe_ffn_hidden_size),
-        "--moe-router-topk", str(args.topk), "--moe-token-dispatcher-type", "alltoall",
-        "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.01",
+        "--config", str(args.config), *size_overrides(args),
         "--expert-model-parallel-size", str(args.nproc),
         "--micro-batch-size", str(args.micro_batch_size),
         "--global-batch-size", str(args.global_batch_size),
@@ -675,7 +709,7 @@ def settings_record(args, data) -> dict:
     return {
         "profile": args.profile, "quick": args.quick, "gpu": args.gpu, "nproc": args.nproc,
         "expert_parallel_size": args.nproc, "seed": args.seed, "topk": args.topk,
-        "budgets": args.budgets,
+        "budgets": args.budgets, "model_config": str(args.config),
         "model": {name: getattr(args, name) for name in (
             "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_experts",
             "moe_ffn_hidden_size", "seq_length")},
