@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.12",
     entry_points={
         "console_scripts": [
-            "emoe-pretrain = megatron_emoe.training.entry:main",
+            "emoe-pretrain = megatron_emoe.cli.pretrain:main",
             "emoe-build-default-data = megatron_emoe.cli.build_default_data:main",
             "emoe-preprocess-data = megatron_emoe.cli.preprocess_data:main",
             "emoe-convert-checkpoint = megatron_emoe.cli.convert_checkpoint:main",

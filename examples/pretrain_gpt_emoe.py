@@ -9,7 +9,7 @@ The same entry is installed as the console script `emoe-pretrain`
 
 import sys
 
-from megatron_emoe.training.entry import main
+from megatron_emoe.cli.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,14 +21,14 @@ from megatron_emoe.data.default_data import (
     ENV_VAR,
     build_default_data,
 )
-from megatron_emoe.errors import exits_on_usage_error
+from megatron_emoe.errors import ArgumentParser, exits_on_usage_error
 
 PROG = "emoe-build-default-data"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default=None,
                    help=f"Data folder (default: ${ENV_VAR}, else data/default in the repo).")
     p.add_argument("--corpus-bytes", type=int, default=DEFAULT_CORPUS_BYTES,

@@ -19,14 +19,15 @@ import sys
 from collections.abc import Sequence
 
 from megatron_emoe.data.inputs import FORMATS, TEXT_SAMPLE_BY
-from megatron_emoe.errors import exits_on_usage_error
+from megatron_emoe.data.preprocess import PreprocessConfig, missing_summary, preprocess
+from megatron_emoe.errors import ArgumentParser, exits_on_usage_error
 
 PROG = "emoe-preprocess-data"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags, Megatron-style (`--kebab-case`)."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     io = p.add_argument_group("input and output")
     io.add_argument("--input", nargs="+", required=True, metavar="PATH",
                     help="Input files or globs (JSONL, Parquet or plain text).")
@@ -70,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 @exits_on_usage_error(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, preprocess, print the sidecar; returns 0. Bad input: one line, exit status 2."""
-    from megatron_emoe.data.preprocess import PreprocessConfig, missing_summary, preprocess
-
     args = build_parser().parse_args(argv)
     config = PreprocessConfig(
         inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,

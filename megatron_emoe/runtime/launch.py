@@ -34,7 +34,7 @@ from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracke
 from megatron_emoe import cpu
 
 SEED = 1234
-ENTRY_MODULE = "megatron_emoe.training.entry"
+ENTRY_MODULE = "megatron_emoe.cli.pretrain"
 # What Megatron's training loop logs: a training step and an evaluation.
 ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+).*?lm loss: ([0-9.E+-]+)")
 VALIDATION = re.compile(
