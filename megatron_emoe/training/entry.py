@@ -51,7 +51,9 @@ def parse_and_check(argv: Sequence[str]):
 def validate_megatron_args(args) -> None:
     """Megatron's `validate_args`, whose refusals are bare assertions, as a `UsageError`."""
     try:
-        validate_args(args, {"tokenizer_type": "HuggingFaceTokenizer"})
+        # A Hugging Face tokenizer unless --tokenizer-type names another (given, it is no default).
+        defaults = {} if args.tokenizer_type else {"tokenizer_type": "HuggingFaceTokenizer"}
+        validate_args(args, defaults)
     except AssertionError as error:
         frame = traceback.extract_tb(error.__traceback__)[-1]
         reason = str(error) or f"{frame.line} ({os.path.basename(frame.filename)}:{frame.lineno})"
