@@ -183,6 +183,7 @@ def test_unsupported_architecture_is_named(tmp_path, capsys):
 
     LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
                                  num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path / "llama")
+    capsys.readouterr()  # save_pretrained's progress bar, not the tool's
     err = refused(["hf-to-megatron", "--hf-path", str(tmp_path / "llama"), "--output", str(tmp_path / "o")], capsys)
     assert "model_type='llama'" in err and "qwen3_moe" in err
 
@@ -236,6 +237,7 @@ def test_bad_megatron_inputs_are_refused(small_hf, small_megatron, tmp_path, cap
     assert "1..8" in refused(["megatron-to-hf", "--load", megatron, "--output", out,
                               "--num-experts-per-tok", "9"], capsys)
     other = save_hf_model("qwen3_moe", str(tmp_path / "other"), hidden_size=64)
+    capsys.readouterr()  # save_pretrained's progress bar, not the tool's
     err = refused(["megatron-to-hf", "--load", megatron, "--output", out, "--hf-config", other], capsys)
     assert "hidden_size" in err or "model_type" in err
     partial = str(tmp_path / "partial")
@@ -243,6 +245,80 @@ def test_bad_megatron_inputs_are_refused(small_hf, small_megatron, tmp_path, cap
     os.remove(os.path.join(partial, "release", ".metadata"))
     assert "partial" in refused(["megatron-to-hf", "--load", partial, "--output", out], capsys)
     assert not os.path.exists(out) and tree_digest(megatron) == digest
+
+
+def _truncate(path: str, fraction: float = 0.5) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * fraction))
+
+
+@pytest.mark.parametrize("damage,named", [
+    ("truncated", ["model.safetensors", "truncated or corrupt"]),
+    ("header_garbled", ["model.safetensors", "truncated or corrupt"]),
+    ("config_not_json", ["config.json", "not valid JSON"]),
+    ("config_unknown_model_type", ["config.json", "transformers cannot read", "no_such_model"]),
+    ("index_not_json", ["model.safetensors.index.json", "not a valid index"]),
+    ("index_without_weight_map", ["model.safetensors.index.json", "no 'weight_map'"]),
+    ("index_names_missing_shard", ["model-00002-of-00002.safetensors", "missing"]),
+])
+def test_corrupt_hf_files_are_refused_naming_them(small_hf, tmp_path, capsys, damage, named):
+    folder = str(tmp_path / "hf")
+    shutil.copytree(small_hf, folder)
+    weights, config = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if damage == "truncated":
+        _truncate(weights, 0.6)
+    elif damage == "header_garbled":
+        with open(weights, "r+b") as f:
+            f.seek(8)
+            f.write(b"\xff" * 16)
+    elif damage == "config_not_json":
+        with open(config, "a", encoding="utf-8") as f:
+            f.write("}{")
+    elif damage == "config_unknown_model_type":
+        with open(config, "w", encoding="utf-8") as f:
+            f.write('{"model_type": "no_such_model"}')
+    elif damage == "index_not_json":
+        with open(index, "w", encoding="utf-8") as f:
+            f.write('{"weight_map": ')
+    elif damage == "index_without_weight_map":
+        with open(index, "w", encoding="utf-8") as f:
+            f.write('{"metadata": {}}')
+    elif damage == "index_names_missing_shard":
+        with open(index, "w", encoding="utf-8") as f:
+            f.write('{"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}')
+    err = refused(["hf-to-megatron", "--hf-path", folder, "--output", str(tmp_path / "out")], capsys)
+    assert "--hf-path" in err and all(fragment in err for fragment in named), err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_corrupt_release_checkpoint_is_refused_naming_the_file(small_megatron, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    for damage in ("tracker", "distcp", "weights"):
+        load = str(tmp_path / damage)
+        shutil.copytree(small_megatron, load)
+        release = os.path.join(load, "release")
+        if damage == "tracker":
+            with open(os.path.join(load, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write("relase")
+            named = ["latest_checkpointed_iteration.txt", "'relase'"]
+        elif damage == "distcp":
+            shard = sorted(n for n in os.listdir(release) if n.endswith(".distcp"))[0]
+            _truncate(os.path.join(release, shard))
+            named = [".distcp is truncated"]
+        else:  # same size, garbled bytes: found where the weights load
+            from torch.distributed.checkpoint import FileSystemReader
+
+            storage = FileSystemReader(release).read_metadata().storage_data
+            info = next(v for k, v in sorted(storage.items(), key=lambda kv: kv[0].fqn)
+                        if k.fqn.startswith("embedding.word_embeddings.weight"))
+            with open(os.path.join(release, info.relative_path), "r+b") as f:
+                f.seek(info.offset)
+                f.write(b"\x00" * info.length)
+            named = ["release", "corrupt"]
+        err = refused(["megatron-to-hf", "--load", load, "--output", out], capsys)
+        assert f"--load {load}" in err and all(fragment in err for fragment in named), err
+        assert not os.path.exists(out)
 
 
 # ---------------------------------------------------------------------- with training -----
@@ -289,6 +365,7 @@ def test_converted_model_finetunes_with_emoe_and_serves_from_hf(tmp_path):
 
 def test_olmoe_refuses_tensor_parallel_targets(tmp_path, capsys):
     hf = save_hf_model("olmoe", str(tmp_path / "olmoe"))
+    capsys.readouterr()  # save_pretrained's progress bar, not the tool's
     err = refused(["hf-to-megatron", "--hf-path", hf, "--output", str(tmp_path / "o"),
                    "--target-tensor-parallel-size", "2"], capsys)
     assert "--target-tensor-parallel-size 2" in err and "all heads" in err

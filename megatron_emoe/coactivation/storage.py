@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ import torch
 from megatron_emoe.coactivation.counts import DEFAULT_NORMALIZATION
 from megatron_emoe.coactivation.plots import save_heatmaps
 from megatron_emoe.coactivation.stats import Coactivation
+from megatron_emoe.errors import UsageError
 from megatron_emoe.files import write_bytes_atomically
 
 # Tag (file name without `.npz`) of the whole run's training matrices.
@@ -47,13 +49,23 @@ def save(stats: Coactivation, directory: str, tag: str, *, heatmaps: bool = True
 
 
 def load(path: str) -> Coactivation:
-    """Read a file written by `save`."""
-    with np.load(path, allow_pickle=False) as data:
-        layers = [int(n) for n in data["layers"]]
-        counts = {n: torch.from_numpy(data["counts"][i].copy()) for i, n in enumerate(layers)}
-        tokens = {n: int(data["tokens"][i]) for i, n in enumerate(layers)}
-        entropy = {n: float(data["entropy"][i]) for i, n in enumerate(layers)}
-        meta = json.loads(str(data["meta"]))
+    """Read a file written by `save`; a truncated, garbled or foreign file is a `UsageError`
+    naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            layers = [int(n) for n in data["layers"]]
+            counts = {n: torch.from_numpy(data["counts"][i].copy()) for i, n in enumerate(layers)}
+            tokens = {n: int(data["tokens"][i]) for i, n in enumerate(layers)}
+            entropy = {n: float(data["entropy"][i]) for i, n in enumerate(layers)}
+            meta = json.loads(str(data["meta"]))
+        if not isinstance(meta, dict):
+            raise ValueError("its 'meta' is not a JSON object")
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as error:
+        message = " ".join(str(error).split())
+        raise UsageError(
+            f"co-activation file {path} is truncated, corrupt or not written by this package "
+            f"({type(error).__name__}: {message}): delete or replace it"
+        ) from None
     return Coactivation(counts, tokens, entropy, meta)
 
 

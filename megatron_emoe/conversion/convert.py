@@ -8,6 +8,7 @@ output is replaced (with `overwrite`) only by a finished one. Sources are only e
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -115,11 +116,24 @@ def check_hf_tensors(reader, expected: set[str], folder: str, ignored=lambda nam
 
 
 def load_hf_config(folder: str, flag: str):
+    """The Hugging Face config in `folder` (given by `flag`); a `ConversionError` naming its
+    config.json when it is missing, not JSON, or not a config transformers knows."""
+    path = os.path.join(folder, "config.json")
     if not os.path.isdir(folder):
         raise ConversionError(f"{flag} {folder}: no such folder")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    if not os.path.isfile(path):
         raise ConversionError(f"{flag} {folder}: no config.json there")
-    return AutoConfig.from_pretrained(folder)
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)  # transformers' own message for bad JSON does not say what is wrong
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{flag} {folder}: {path} is not valid JSON ({error})") from None
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:  # what transformers raises for a file it cannot use
+        message = " ".join(str(error).split())
+        raise ConversionError(f"{flag} {folder}: transformers cannot read {path} "
+                              f"({type(error).__name__}: {message})") from None
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
@@ -198,7 +212,8 @@ def _hf_to_megatron_rank(rank: int, argv, vocab: int, hf_path: str, family_name:
     with megatron_globals(args):
         model = build_model(args)
         count = len(megatron_side.weights(model))
-        with tqdm(total=count, desc=f"{family_name} -> megatron (rank {rank})", disable=rank != 0) as bar:
+        # Progress on rank 0 only, and only on a terminal (None): logs and pipes get the result lines.
+        with tqdm(total=count, desc=f"{family_name} -> megatron", disable=None if rank == 0 else True) as bar:
             megatron_side.fill_from_hf(model, rules, reader, args.swiglu, progress=bar)
         megatron_side.save_release(model)
 
@@ -253,8 +268,8 @@ def megatron_to_hf(settings: MegatronToHF) -> None:
     _staged(settings.output, build)
 
 
-def _megatron_to_hf_rank(rank: int, saved, load: str, config, staging: str, shard_bytes: int) -> None:
-    args = args_from_checkpoint(saved, load)
+def _megatron_to_hf_rank(rank: int, saved, load_dir: str, config, staging: str, shard_bytes: int) -> None:
+    args = args_from_checkpoint(saved, load_dir)
     rules = FAMILIES[config.model_type].rules(config, args.padded_vocab_size)
     with megatron_globals(args):
         model = build_model(args)
@@ -264,17 +279,19 @@ def _megatron_to_hf_rank(rank: int, saved, load: str, config, staging: str, shar
         if unmapped:
             raise ConversionError(f"Megatron parameters with no Hugging Face name: {sorted(unmapped)[:5]}")
         writer = hf_files.ShardWriter(staging, shard_bytes)
-        for rule in tqdm(rules, desc="megatron -> hf"):
+        for rule in tqdm(rules, desc="megatron -> hf", disable=None):
             for name, tensor in zip(rule.hf, rule.to_hf(state[rule.megatron].detach())):
                 writer.add(name, tensor)
         writer.close()
 
 
 def saved_args(load: str):
-    """The flags saved with the checkpoint in `load`, or a `ConversionError` saying what is missing."""
+    """The flags saved with the checkpoint in `load`, or a `ConversionError` saying what is
+    missing; a broken tracker or a partial or corrupt checkpoint is a `UsageError` naming the file
+    (`checkpoints.checked_checkpoint`)."""
     if not os.path.isdir(load):
         raise ConversionError(f"--load {load}: no such folder")
-    name = checkpoints.latest_checkpoint_name(load)
+    name = checkpoints.checked_checkpoint(load, "--load")
     if name is None:
         raise ConversionError(f"--load {load}: no {checkpoints.TRACKER} (not a Megatron checkpoint folder)")
     folder = os.path.join(load, name)
@@ -285,7 +302,7 @@ def saved_args(load: str):
             f"--load {load}: {name}/ is missing or partial (no torch_dist metadata); only complete "
             "torch_dist checkpoints convert"
         )
-    args = checkpoints.checkpoint_args(load)
+    args = checkpoints.checkpoint_args(load, "--load", name=name)
     if args is None:
         raise ConversionError(f"--load {load}: the checkpoint saved no training args")
     return args

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_emoe.conversion.families import ConversionError
@@ -51,24 +51,42 @@ class SafetensorsReader:
         if path not in self._handles:
             if not os.path.isfile(path):
                 raise ConversionError(f"{self.folder}: shard {self._file_of[name]} is missing")
-            self._handles[path] = safe_open(path, framework="pt")
+            self._handles[path] = _open_shard(self.folder, self._file_of[name])
         return self._handles[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        try:
+            return self._handle(name).get_tensor(name)
+        except SafetensorError as error:
+            raise ConversionError(
+                f"--hf-path {self.folder}: cannot read tensor {name!r} from "
+                f"{self._file_of[name]} ({error}): the file is corrupt"
+            ) from None
+
+
+def _open_shard(folder: str, shard: str):
+    """`safe_open` on a shard of `folder`; a truncated or garbled file (safetensors checks the
+    header and that the file covers every tensor it lists) is a `ConversionError` naming it."""
+    path = os.path.join(folder, shard)
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise ConversionError(
+            f"--hf-path {folder}: {path} is truncated or corrupt ({error}): download it again"
+        ) from None
 
 
 def _tensor_files(folder: str) -> dict[str, str]:
-    """Tensor name -> shard file, from the index, the single file, or every *.safetensors."""
+    """Tensor name -> shard file, from the index, the single file, or every *.safetensors; every
+    shard is opened (its header read) so that a missing, truncated or garbled one is refused now."""
     if not os.path.isdir(folder):
         raise ConversionError(f"--hf-path {folder}: no such folder")
     index = os.path.join(folder, INDEX)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            return dict(json.load(f)["weight_map"])
+        return _indexed_files(folder, index)
     shards = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
     if not shards:
         raise ConversionError(
@@ -77,9 +95,34 @@ def _tensor_files(folder: str) -> dict[str, str]:
         )
     files = {}
     for shard in shards:
-        with safe_open(os.path.join(folder, shard), framework="pt") as f:
+        with _open_shard(folder, shard) as f:
             files.update({name: shard for name in f.keys()})  # noqa: SIM118 (not iterable)
     return files
+
+
+def _indexed_files(folder: str, index: str) -> dict[str, str]:
+    """The index's weight map, once its JSON parses and each shard it names holds its tensors."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("'weight_map' is not a mapping of tensor names to file names")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        what = "has no 'weight_map'" if isinstance(error, KeyError) else f"is not a valid index ({error})"
+        raise ConversionError(f"--hf-path {folder}: {index} {what}") from None
+    for shard in sorted(set(weight_map.values())):
+        if not os.path.isfile(os.path.join(folder, shard)):
+            raise ConversionError(f"--hf-path {folder}: shard {shard} named in {INDEX} is missing "
+                                  "(partial download?)")
+        with _open_shard(folder, shard) as f:
+            held = set(f.keys())  # noqa: SIM118 (not iterable)
+        absent = sorted(name for name, file in weight_map.items() if file == shard and name not in held)
+        if absent:
+            raise ConversionError(
+                f"--hf-path {folder}: {shard} lacks {len(absent)} tensors {INDEX} places there, "
+                f"e.g. {absent[:3]} (partial download, or a stale index)"
+            )
+    return dict(weight_map)
 
 
 class ShardWriter:

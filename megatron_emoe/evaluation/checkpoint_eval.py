@@ -24,7 +24,7 @@ from megatron.core.utils import get_model_config
 from megatron_emoe.budget import Budget, BudgetLike, planned_experts, takes_per_token_budgets
 from megatron_emoe.layers import decoder_moe_layers
 from megatron_emoe.errors import UsageError
-from megatron_emoe.runtime.checkpoints import args_from_checkpoint, checkpoint_args, latest_checkpoint_name
+from megatron_emoe.runtime.checkpoints import args_from_checkpoint, checked_checkpoint, checkpoint_args
 from megatron_emoe.runtime.data import validation_iterator_factory
 from megatron_emoe.runtime.evaluate import (
     BudgetResult,
@@ -56,8 +56,9 @@ class EvalOptions:
     coactivation_dir: Optional[str] = None
 
     def validate(self) -> "EvalOptions":
-        """Raise `ValueError` naming the flag for bad values; checks the checkpoint is there."""
-        if not os.path.isdir(self.load) or latest_checkpoint_name(self.load) is None:
+        """Raise `ValueError` naming the flag for bad values; checks the checkpoint is there and
+        whole (tracker, metadata, .distcp sizes: `checked_checkpoint`)."""
+        if not os.path.isdir(self.load) or checked_checkpoint(self.load, "--load") is None:
             raise UsageError(
                 f"--load {self.load}: no Megatron checkpoint there "
                 "(expected latest_checkpointed_iteration.txt and its iter_N or release folder)"
@@ -147,8 +148,13 @@ def options_from_args(namespace: argparse.Namespace) -> EvalOptions:
 
 
 def saved_args(options: EvalOptions) -> argparse.Namespace:
-    """The saving run's flags, read from the checkpoint (no model is built)."""
-    return checkpoint_args(options.load)
+    """The saving run's flags, read from the checkpoint (no model is built); `UsageError` when
+    the checkpoint is corrupt or saved none."""
+    saved = checkpoint_args(options.load, "--load")
+    if saved is None:
+        raise UsageError(f"--load {options.load}: the checkpoint saved no training args "
+                         "(its common state has no 'args')")
+    return saved
 
 
 class CheckpointEvaluator:

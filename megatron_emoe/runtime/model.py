@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.training import get_args
 from megatron.training.argument_utils import gpt_config_from_args
 from megatron.training.arguments import validate_args
 from megatron.training.checkpointing import load_checkpoint
@@ -26,7 +27,13 @@ from megatron_emoe.mla import with_local_mla
 from megatron_emoe.qk_norm import with_projection_qk_norm
 from megatron_emoe.runtime import cpu_loop
 from megatron_emoe.runtime.arguments import parse_training_args
-from megatron_emoe.runtime.checkpoints import args_from_checkpoint, checkpoint_args
+from megatron_emoe.runtime.checkpoints import (
+    TRACKER,
+    args_from_checkpoint,
+    checked_checkpoint,
+    checkpoint_args,
+    reading_checkpoint,
+)
 from megatron_emoe.spec import with_elastic_router
 
 
@@ -102,9 +109,27 @@ def build_model(args: argparse.Namespace) -> list[torch.nn.Module]:
 
 def load(model, load_arg: str = "load") -> int:
     """Load the checkpoint in `--load` (or the folder of flag `load_arg`) into `model`, from any
-    saved TP/EP layout; returns its iteration."""
-    iteration, _ = load_checkpoint(model, None, None, load_arg=load_arg, strict=True)
+    saved TP/EP layout; returns its iteration.
+
+    A missing, partial or corrupt checkpoint is a `UsageError` naming the file: checked before
+    Megatron reads it (which would start from random weights, or exit, on a bad tracker), and
+    the library's error when a file turns out garbled on reading."""
+    load_dir, name, flag = _checkpoint_to_load(load_arg)
+    with reading_checkpoint(load_dir, name, flag):
+        iteration, _ = load_checkpoint(model, None, None, load_arg=load_arg, strict=True)
     return iteration
+
+
+def _checkpoint_to_load(load_arg: str) -> tuple[str, str, str]:
+    """(folder, checkpoint in it, flag name) of flag `load_arg` in Megatron's global args, once
+    the checkpoint there passes `checked_checkpoint`."""
+    args = get_args()
+    load_dir, flag = getattr(args, load_arg), "--" + load_arg.replace("_", "-")
+    name = checked_checkpoint(load_dir, flag, step=getattr(args, "ckpt_step", None))
+    if name is None:
+        raise UsageError(f"{flag} {load_dir}: no Megatron checkpoint there (expected {TRACKER} "
+                         "and its iter_N or release folder)")
+    return load_dir, name, flag
 
 
 @contextlib.contextmanager

@@ -10,7 +10,13 @@ from megatron_emoe.budget import Budget
 from megatron_emoe.config import elastic_config_from_args
 from megatron_emoe.data.checks import check_data_prefixes
 from megatron_emoe.errors import UsageError
-from megatron_emoe.runtime.checkpoints import checkpoint_args, latest_iteration
+from megatron_emoe.runtime.checkpoints import (
+    TRACKER,
+    checked_checkpoint,
+    checkpoint_args,
+    checkpoint_folders,
+    tracked_checkpoint,
+)
 
 # Flags a resumed run must share with its checkpoint (a fine-tune may change the router mode).
 _RESUME_MUST_MATCH = {"num_experts": "--num-experts", "moe_router_mode": "--moe-router-mode"}
@@ -48,26 +54,64 @@ def check_sequence_length(args) -> None:
 
 
 def check_checkpoints(args) -> None:
-    """Resuming or fine-tuning must match the checkpoint; --save must not overwrite unasked."""
-    loaded = latest_iteration(args.load)
+    """Resuming or fine-tuning must match the checkpoint, which must be whole (tracker, metadata,
+    .distcp sizes); --save must not overwrite unasked, nor hold checkpoints whose tracker is
+    missing or broken (the run would start at iteration 0 and save over them)."""
+    loaded = _checkpoint_to_load(args)
     if args.load and loaded is None and args.finetune:
         raise UsageError(
             f"--finetune --load {args.load}: no checkpoint there "
-            f"(expected {os.path.join(args.load, 'latest_checkpointed_iteration.txt')})"
+            f"(expected {os.path.join(args.load, TRACKER)})"
         )
     if loaded is not None:
-        _check_matches(args, checkpoint_args(args.load), args.load,
+        _check_matches(args, checkpoint_args(args.load, name=loaded), args.load,
                        _FINETUNE_MUST_MATCH if args.finetune else _RESUME_MUST_MATCH)
-    saved = latest_iteration(args.save)
     resuming_from_save = (
-        args.load and os.path.realpath(args.load) == os.path.realpath(args.save) and not args.finetune
+        args.load and args.save and not args.finetune
+        and os.path.realpath(args.load) == os.path.realpath(args.save)
     )
-    if saved is not None and not resuming_from_save and not args.allow_overwrite_save:
+    if resuming_from_save or args.allow_overwrite_save:
+        return  # the tracker in --save was checked as --load's, or overwriting is allowed
+    saved = _saved_checkpoint(args.save)
+    if saved is not None:
+        iteration = "release" if saved == "release" else f"iteration {int(saved.removeprefix('iter_'))}"
         raise UsageError(
-            f"--save {args.save} already holds a checkpoint (iteration {saved}) that this run does "
+            f"--save {args.save} already holds a checkpoint ({iteration}) that this run does "
             f"not resume from, so its iterations could be overwritten: resume with --load "
             f"{args.save}, choose another --save, or pass --allow-overwrite-save"
         )
+
+
+def _checkpoint_to_load(args) -> str | None:
+    """The checkpoint folder in --load that Megatron will load (tracker or --ckpt-step), checked
+    whole by `checked_checkpoint`; None when there is none (a run starting fresh)."""
+    if not args.load:
+        return None
+    return checked_checkpoint(args.load, "--load", step=getattr(args, "ckpt_step", None))
+
+
+def _saved_checkpoint(save_dir: str | None) -> str | None:
+    """The checkpoint the tracker in --save names, or None for an empty or new folder; a
+    `UsageError` when checkpoints there have a missing or broken tracker, which a run that does
+    not resume from them would save over from iteration 0."""
+    consent = ("choose another --save, or pass --allow-overwrite-save to let this run save over "
+               "them")
+    present = checkpoint_folders(save_dir)
+    tracker = os.path.join(save_dir, TRACKER) if save_dir else None
+    if present and not os.path.lexists(tracker):
+        shown = ", ".join(present[-3:]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise UsageError(
+            f"--save {save_dir} holds checkpoints ({shown}) but no {TRACKER}, so this run would "
+            f"start at iteration 0 and could save over them: to resume, write the iteration to "
+            f"resume from into {tracker} and pass --load {save_dir}; otherwise {consent}"
+        )
+    try:
+        return tracked_checkpoint(save_dir, "--save")
+    except UsageError as error:
+        raise UsageError(
+            f"{error}; this run does not resume from --save {save_dir} and could save over its "
+            f"checkpoints: repair the tracker and pass --load {save_dir}, or {consent}"
+        ) from None
 
 
 def _check_matches(args, saved, where: str, fields: dict[str, str]) -> None:
@@ -120,10 +164,12 @@ def check_before_parsing_done(args) -> None:
 def adopt_checkpoint_vocab(args) -> None:
     """Take the loaded checkpoint's embedding rows (`padded_vocab_size`) instead of padding the
     tokenizer's size again: converted models keep their Hugging Face vocabulary size, which the
-    tokenizer may not match (Qwen: 151,936 rows, 151,646 tokens)."""
-    if latest_iteration(args.load) is None:
+    tokenizer may not match (Qwen: 151,936 rows, 151,646 tokens). A missing, partial or corrupt
+    checkpoint in --load is refused here, the first time it is read."""
+    loaded = _checkpoint_to_load(args)
+    if loaded is None:
         return
-    saved = checkpoint_args(args.load)
+    saved = checkpoint_args(args.load, name=loaded)
     rows = getattr(saved, "padded_vocab_size", None)
     if rows and getattr(args, "padded_vocab_size", None) is None:
         args.padded_vocab_size = rows

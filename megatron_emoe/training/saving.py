@@ -12,7 +12,7 @@ import torch
 from megatron.training import get_args
 
 from megatron_emoe.files import write_text_atomically
-from megatron_emoe.runtime.checkpoints import HF_SUBDIR, TRACKER, iteration_dir
+from megatron_emoe.runtime.checkpoints import HF_SUBDIR, INCOMING, OUTGOING, TRACKER, iteration_dir
 
 STAGING_PREFIX = ".staging-"
 
@@ -23,8 +23,8 @@ def publish(save_dir: str, staging_dir: str, iteration: int) -> None:
     An existing folder of the same iteration is swapped out, not written over, and removed only
     once the new one and the tracker are in place."""
     final = os.path.join(save_dir, iteration_dir(iteration))
-    incoming = f"{final}.incoming"
-    outgoing = f"{final}.outgoing"
+    incoming = f"{final}{INCOMING}"
+    outgoing = f"{final}{OUTGOING}"
     for leftover in (incoming, outgoing):
         shutil.rmtree(leftover, ignore_errors=True)
     os.replace(os.path.join(staging_dir, iteration_dir(iteration)), incoming)
