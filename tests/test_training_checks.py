@@ -14,7 +14,7 @@ import pytest
 
 from megatron_emoe.runtime import checkpoints
 from megatron_emoe.training import saving
-from tests.training_runs import REPO, TINY_MODEL, environment, run_training, training_command
+from tests.training_runs import REPO, TINY_MODEL, environment, training_command
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,11 +90,8 @@ def test_resaving_an_iteration_swaps_the_folder(megatron_args):
 # Bad input through the real entry (one process; every error comes before distributed setup)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from megatron_emoe.data.default_data import ensure_default_data
-
-    return ensure_default_data(tmp_path_factory.mktemp("data") / "default",
-                               corpus_bytes=300_000, vocab_size=512)
+def data(small_data):
+    return small_data
 
 
 def _flags(data, *extra):
@@ -104,12 +101,14 @@ def _flags(data, *extra):
 
 
 def _refused(flags) -> str:
-    """Run the entry on one process; it must exit non-zero before training. Returns its output."""
+    """Run the entry on one process; it must refuse before training: exit status 2 and one line
+    on stderr (returned), and Megatron's argument table held back."""
     proc = subprocess.run(training_command(flags, nproc=1), cwd=REPO, env=environment(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=200)
-    assert proc.returncode != 0, proc.stdout[-3000:]
-    assert "iteration        1/" not in proc.stdout
-    return proc.stdout
+                          capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "iteration        1/" not in proc.stdout and "arguments" not in proc.stdout
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("emoe-pretrain: error: "), proc.stderr
+    return proc.stderr
 
 
 @pytest.mark.slow
@@ -145,22 +144,36 @@ def test_sequence_length_above_the_model(data):
 
 
 @pytest.mark.slow
-def test_resume_must_match_router_mode_and_experts(data, tmp_path):
+def test_resume_must_match_router_mode_experts_and_schedule(emoe_checkpoint, tmp_path):
+    data = emoe_checkpoint.data
     ckpt = tmp_path / "ckpt"
-    code, out = run_training([*_flags(data, "--moe-router-mode", "emoe", "--save", str(ckpt),
-                                     "--save-interval", "1000")], tmp_path / "log")
-    assert code == 0, out[-3000:]
+    shutil.copytree(emoe_checkpoint.path, ckpt)  # trained for 4 steps with EMoE, k_ideal 3
     before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
     resume = ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1000", "--train-iters", "4"]
     out = _refused(_flags(data, "--moe-router-mode", "topk", *resume))
     assert "--moe-router-mode topk does not match" in out and "--moe-router-mode emoe" in out
-    flags = _flags(data, "--moe-router-mode", "emoe", *resume)
-    flags += ["--num-experts", "8"]
-    out = _refused(flags)
+    flags = _flags(data, "--moe-router-mode", "emoe", "--emoe-k-ideal", "3", *resume)
+    out = _refused([*flags, "--num-experts", "8"])
     assert "--num-experts 8 does not match" in out and "--num-experts 4" in out
+    # Megatron's scheduler would assert only while loading, after the model is built.
+    out = _refused([*flags, "--train-iters", "6"])
+    assert "--train-iters 6 does not match" in out and "(--train-iters 4)" in out
+    assert "--override-opt-param-scheduler" in out
+    out = _refused([*flags, "--lr", "0.5"])
+    assert "--lr 0.5 does not match" in out
     # Writing into a folder whose checkpoint this run would not resume from needs consent.
     out = _refused(_flags(data, "--moe-router-mode", "emoe", "--save", str(ckpt), "--save-interval", "1000"))
     assert "--allow-overwrite-save" in out
+    # --coactivation-dir follows --save's rule: another run's matrices are not written over
+    # unasked, and a resumed run reads the ones it continues up front.
+    matrices = tmp_path / "coactivation"
+    matrices.mkdir()
+    (matrices / "train.npz").write_bytes(b"not an npz")
+    out = _refused(_flags(data, "--save", str(tmp_path / "new"), "--save-interval", "1000",
+                          "--coactivation-dir", str(matrices)))
+    assert "--coactivation-dir" in out and "train.npz" in out and "--allow-overwrite-save" in out
+    out = _refused([*flags, "--coactivation-dir", str(matrices)])
+    assert "train.npz" in out and "--allow-overwrite-save" not in out
     assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before  # nothing touched
 
 

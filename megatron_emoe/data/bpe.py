@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from megatron_emoe.errors import UsageError
+
 EOD, PAD = "<|endoftext|>", "<|pad|>"
 SPECIAL_TOKENS = (EOD, PAD, "<|system|>", "<|user|>", "<|assistant|>")
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
@@ -29,7 +31,7 @@ def train_bpe_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + special tokens); got {vocab_size}")
+        raise UsageError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + special tokens); got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

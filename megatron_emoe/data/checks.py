@@ -10,6 +10,7 @@ import numpy
 
 from megatron_emoe.data.indexed import LOSS_MASK_SUFFIX, sequence_lengths
 from megatron_emoe.data.sidecar import find_sidecar, sidecar_tokenizer
+from megatron_emoe.errors import UsageError
 
 _IDX_DTYPE_OFFSET = 17  # 9-byte magic + 8-byte version, then one byte: the dtype code
 
@@ -29,7 +30,7 @@ def check_data_prefixes(
         if sft:
             _check_files(prefix + LOSS_MASK_SUFFIX, flag, what="SFT loss mask (--sft-packed)")
             if not numpy.array_equal(sequence_lengths(prefix), sequence_lengths(prefix + LOSS_MASK_SUFFIX)):
-                raise ValueError(
+                raise UsageError(
                     f"{flag}: {prefix}{LOSS_MASK_SUFFIX} does not match {prefix} document for document; "
                     "re-run emoe-preprocess-data --sft"
                 )
@@ -55,7 +56,7 @@ def _check_files(prefix: str, flag: str, what: str) -> None:
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(prefix + suffix):
             hint = "write it with emoe-preprocess-data" + (" --sft" if "SFT" in what else "")
-            raise ValueError(f"{flag}: missing {what} file {prefix}{suffix} ({hint})")
+            raise UsageError(f"{flag}: missing {what} file {prefix}{suffix} ({hint})")
 
 
 def _check_vocab(prefix: str, tokenizer_vocab_size: int, flag: str) -> None:
@@ -63,7 +64,7 @@ def _check_vocab(prefix: str, tokenizer_vocab_size: int, flag: str) -> None:
     if found is not None and isinstance(found[1].get("vocab_size"), int):
         path, sidecar = found
         if sidecar["vocab_size"] != tokenizer_vocab_size:
-            raise ValueError(
+            raise UsageError(
                 f"{flag}: {prefix} was made with a tokenizer of {sidecar['vocab_size']} tokens "
                 f"({sidecar_tokenizer(path, sidecar)}, per {path}) but the tokenizer has "
                 f"{tokenizer_vocab_size}; --tokenizer-model must be the tokenizer the data was made with"
@@ -71,7 +72,7 @@ def _check_vocab(prefix: str, tokenizer_vocab_size: int, flag: str) -> None:
         return
     largest = max_token_id(prefix)
     if largest >= tokenizer_vocab_size:
-        raise ValueError(
+        raise UsageError(
             f"{flag}: {prefix} holds token id {largest} (so its tokenizer has at least {largest + 1} "
             f"tokens) but the tokenizer has {tokenizer_vocab_size}; --tokenizer-model must be the "
             "tokenizer the data was made with"

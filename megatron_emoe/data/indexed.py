@@ -7,6 +7,8 @@ import shutil
 
 import numpy
 
+from megatron_emoe.errors import UsageError
+
 LOSS_MASK_SUFFIX = "_lossmask"
 
 
@@ -35,7 +37,7 @@ def refuse_existing(paths, overwrite: bool, flag: str = "--overwrite") -> None:
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
-        raise ValueError(f"output already exists: {shown}; pass {flag} to replace it")
+        raise UsageError(f"output already exists: {shown}; pass {flag} to replace it")
 
 
 class StagedIndexedDataset:

@@ -11,10 +11,8 @@ written. Records lacking a needed key (absent or null) are skipped and counted i
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy
@@ -134,13 +132,11 @@ def plan(config: PreprocessConfig) -> _Plan:
     if columns is not None:
         check_columns(columns, config)
     outputs = output_paths(config)
-    with _usage_errors():  # these helpers raise ValueErrors that name the flag
-        refuse_existing(outputs, config.overwrite)
-        tokenizer_dir = check_tokenizer_dir(config.tokenizer_model)
+    refuse_existing(outputs, config.overwrite)
+    tokenizer_dir = check_tokenizer_dir(config.tokenizer_model)
     tokenizer = load_tokenizer(tokenizer_dir)
-    with _usage_errors():
-        special = special_token_ids(tokenizer, [chat.USER, chat.ASSISTANT]) if config.sft else {}
-        eod = eod_id(tokenizer)
+    special = special_token_ids(tokenizer, [chat.USER, chat.ASSISTANT]) if config.sft else {}
+    eod = eod_id(tokenizer)
     vocab_size = len(tokenizer)
     check_inputs(files, fmt, progress=config.progress)  # the one full pass; last, after the cheap checks
     return _Plan(
@@ -224,17 +220,6 @@ def missing_summary(sidecar: dict) -> str | None:
     if not parts:
         return None
     return "; ".join(parts) + " (absent or null) and were skipped; --strict refuses them"
-
-
-@contextlib.contextmanager
-def _usage_errors() -> Iterator[None]:
-    """Re-raise the ValueErrors of helpers that check flags (they name the flag) as UsageErrors."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except ValueError as error:
-        raise UsageError(str(error)) from error
 
 
 def _needed_columns(

@@ -15,6 +15,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
 from megatron_emoe.data.indexed import LOSS_MASK_SUFFIX
+from megatron_emoe.errors import UsageError
 
 
 class PackedSFTDataset(GPTDataset):
@@ -37,13 +38,13 @@ class PackedSFTDataset(GPTDataset):
         """Open `<prefix>_lossmask` and check it has the token dataset's document lengths."""
         prefix = tokens.path_prefix + LOSS_MASK_SUFFIX
         if not IndexedDataset.exists(prefix):
-            raise ValueError(
+            raise UsageError(
                 f"--sft-packed: no loss mask {prefix}.bin/.idx next to {tokens.path_prefix}; "
                 "write the data with emoe-preprocess-data --sft"
             )
         masks = IndexedDataset(prefix, multimodal=False, mmap=config.mmap_bin_files)
         if not numpy.array_equal(masks.sequence_lengths, tokens.sequence_lengths):
-            raise ValueError(
+            raise UsageError(
                 f"--sft-packed: {prefix} does not match {tokens.path_prefix} document for document; "
                 "re-run emoe-preprocess-data --sft"
             )

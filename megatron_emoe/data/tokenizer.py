@@ -5,16 +5,18 @@ from __future__ import annotations
 import functools
 import os
 
+from megatron_emoe.errors import UsageError
+
 FLAG = "--tokenizer-model"
 
 
 def check_tokenizer_dir(path: str, flag: str = FLAG) -> str:
     """The absolute tokenizer folder, or a ValueError naming `flag` when it cannot hold a tokenizer."""
     if not path or not os.path.isdir(path):
-        raise ValueError(f"{flag}: {path!r} is not a folder (a Hugging Face tokenizer saved locally)")
+        raise UsageError(f"{flag}: {path!r} is not a folder (a Hugging Face tokenizer saved locally)")
     names = set(os.listdir(path))
     if not names & {"tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"}:
-        raise ValueError(
+        raise UsageError(
             f"{flag}: {path} holds no tokenizer files (tokenizer.json / tokenizer_config.json)"
         )
     return os.path.abspath(path)
@@ -39,7 +41,7 @@ def _load_tokenizer(path: str, stamp: tuple):
 def eod_id(tokenizer, flag: str = FLAG) -> int:
     """The EOD id: the tokenizer's eos token."""
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"{flag}: the tokenizer has no eos token to use as end of document")
+        raise UsageError(f"{flag}: the tokenizer has no eos token to use as end of document")
     return int(tokenizer.eos_token_id)
 
 
@@ -48,7 +50,7 @@ def special_token_ids(tokenizer, tokens, flag: str = FLAG) -> dict[str, int]:
     vocab = tokenizer.get_vocab()
     missing = [t for t in tokens if t not in vocab]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"{flag}: the tokenizer lacks the special token(s) {', '.join(missing)} that the SFT "
             "template uses; use a tokenizer that has them (e.g. emoe-build-default-data's)"
         )

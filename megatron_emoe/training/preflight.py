@@ -6,6 +6,7 @@ import os
 
 from megatron.training.arguments import core_transformer_config_from_args
 
+from megatron_emoe import coactivation
 from megatron_emoe.budget import Budget
 from megatron_emoe.config import elastic_config_from_args
 from megatron_emoe.data.checks import check_data_prefixes
@@ -64,12 +65,15 @@ def check_checkpoints(args) -> None:
             f"(expected {os.path.join(args.load, TRACKER)})"
         )
     if loaded is not None:
-        _check_matches(args, checkpoint_args(args.load, name=loaded), args.load,
+        saved_args = checkpoint_args(args.load, name=loaded)
+        _check_matches(args, saved_args, args.load,
                        _FINETUNE_MUST_MATCH if args.finetune else _RESUME_MUST_MATCH)
+        check_schedule(args, saved_args, args.load)
     resuming_from_save = (
         args.load and args.save and not args.finetune
         and os.path.realpath(args.load) == os.path.realpath(args.save)
     )
+    check_coactivation_dir(args, resuming=bool(resuming_from_save and loaded is not None))
     if resuming_from_save or args.allow_overwrite_save:
         return  # the tracker in --save was checked as --load's, or overwriting is allowed
     saved = _saved_checkpoint(args.save)
@@ -127,6 +131,60 @@ def _check_matches(args, saved, where: str, fields: dict[str, str]) -> None:
                 f"{flag} {ours} does not match the checkpoint in {where} ({flag} {theirs}): "
                 f"to {action} it, pass {flag} {theirs}"
             )
+
+
+# What Megatron's optimizer-parameter scheduler compares with the checkpoint when it resumes
+# (its bare assertion fires only while the checkpoint loads): flag name -> flag.
+_SCHEDULE = {
+    "lr": "--lr", "min_lr": "--min-lr", "lr_decay_style": "--lr-decay-style",
+    "start_weight_decay": "--start-weight-decay", "end_weight_decay": "--end-weight-decay",
+    "weight_decay_incr_style": "--weight-decay-incr-style", "global_batch_size": "--global-batch-size",
+    "train_iters": "--train-iters", "lr_decay_iters": "--lr-decay-iters",
+    "lr_warmup_iters": "--lr-warmup-iters", "lr_warmup_fraction": "--lr-warmup-fraction",
+}
+
+
+def check_schedule(args, saved, where: str) -> None:
+    """A resumed iteration-based run keeps its checkpoint's learning-rate and weight-decay schedule
+    (Megatron checks it while loading, after the model is built) unless the flags say which one
+    to use or the optimizer state is not loaded."""
+    if (saved is None or args.finetune or args.no_load_optim or args.override_opt_param_scheduler
+            or args.use_checkpoint_opt_param_scheduler or not args.train_iters
+            or not getattr(saved, "train_iters", None) or args.rampup_batch_size):
+        return
+    for name, flag in _SCHEDULE.items():
+        ours, theirs = getattr(args, name, None), getattr(saved, name, None)
+        if name == "lr_decay_iters":  # Megatron stores --train-iters there when it is not given
+            ours, theirs = ours or args.train_iters, theirs or saved.train_iters
+        if ours != theirs:
+            raise UsageError(
+                f"{flag} {ours} does not match the checkpoint in {where} ({flag} {theirs}), and "
+                f"Megatron resumes a run on its checkpoint's learning-rate and weight-decay "
+                f"schedule: pass {flag} {theirs}, or --override-opt-param-scheduler to take this "
+                f"run's schedule, or --use-checkpoint-opt-param-scheduler to keep the checkpoint's"
+            )
+
+
+def check_coactivation_dir(args, resuming: bool) -> None:
+    """--coactivation-dir follows the rule of --save: files of another run there are not written
+    over unasked; a resumed run continues the matrices it finds (read up front, so a corrupt file
+    is named before training)."""
+    directory = args.coactivation_dir
+    if not directory or not os.path.isdir(directory):
+        return
+    existing = sorted(name for name in os.listdir(directory) if name.endswith(".npz"))
+    if not existing:
+        return
+    if not resuming and not args.allow_overwrite_save:
+        raise UsageError(
+            f"--coactivation-dir {directory} already holds {', '.join(existing[:3])}"
+            + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+            + " of a run this one does not resume: choose another folder, resume with --load "
+            "--save of that run, or pass --allow-overwrite-save"
+        )
+    train = os.path.join(directory, f"{coactivation.TRAIN_TAG}.npz")
+    if os.path.isfile(train):
+        coactivation.load(train)  # a UsageError naming the file if it is corrupt
 
 
 def check_budgets(args) -> None:
