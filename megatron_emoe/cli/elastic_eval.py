@@ -102,6 +102,9 @@ def main(argv=None) -> int:
         if clash and not flags.overwrite:
             raise UsageError(f"--coactivation-dir {options.coactivation_dir} already has "
                              f"{', '.join(clash)}: pass --overwrite to replace them")
+        train = os.path.join(options.coactivation_dir, f"{coactivation.TRAIN_TAG}.npz")
+        if os.path.isfile(train):  # compared with at the end: refuse a corrupt one before any work
+            coactivation.load(train)
     print(f"evaluating {options.load} at {len(budgets)} budgets on {options.nproc} process(es)",
           flush=True)
     record = run_on_ranks(options, evaluate_all, budgets, top_p=needs_top_p(budgets))
