@@ -252,6 +252,17 @@ def _truncate(path: str, fraction: float = 0.5) -> None:
         f.truncate(int(os.path.getsize(path) * fraction))
 
 
+# Damage written as text: file of the HF folder -> (open mode, text).
+_TEXT_DAMAGE = {
+    "config_not_json": ("config.json", "a", "}{"),
+    "config_unknown_model_type": ("config.json", "w", '{"model_type": "no_such_model"}'),
+    "index_not_json": ("model.safetensors.index.json", "w", '{"weight_map": '),
+    "index_without_weight_map": ("model.safetensors.index.json", "w", '{"metadata": {}}'),
+    "index_names_missing_shard": ("model.safetensors.index.json", "w",
+                                  '{"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}'),
+}
+
+
 @pytest.mark.parametrize("damage,named", [
     ("truncated", ["model.safetensors", "truncated or corrupt"]),
     ("header_garbled", ["model.safetensors", "truncated or corrupt"]),
@@ -264,29 +275,17 @@ def _truncate(path: str, fraction: float = 0.5) -> None:
 def test_corrupt_hf_files_are_refused_naming_them(small_hf, tmp_path, capsys, damage, named):
     folder = str(tmp_path / "hf")
     shutil.copytree(small_hf, folder)
-    weights, config = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
-    index = os.path.join(folder, "model.safetensors.index.json")
+    weights = os.path.join(folder, "model.safetensors")
     if damage == "truncated":
         _truncate(weights, 0.6)
     elif damage == "header_garbled":
         with open(weights, "r+b") as f:
             f.seek(8)
             f.write(b"\xff" * 16)
-    elif damage == "config_not_json":
-        with open(config, "a", encoding="utf-8") as f:
-            f.write("}{")
-    elif damage == "config_unknown_model_type":
-        with open(config, "w", encoding="utf-8") as f:
-            f.write('{"model_type": "no_such_model"}')
-    elif damage == "index_not_json":
-        with open(index, "w", encoding="utf-8") as f:
-            f.write('{"weight_map": ')
-    elif damage == "index_without_weight_map":
-        with open(index, "w", encoding="utf-8") as f:
-            f.write('{"metadata": {}}')
-    elif damage == "index_names_missing_shard":
-        with open(index, "w", encoding="utf-8") as f:
-            f.write('{"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}')
+    else:
+        name, mode, text = _TEXT_DAMAGE[damage]
+        with open(os.path.join(folder, name), mode, encoding="utf-8") as f:
+            f.write(text)
     err = refused(["hf-to-megatron", "--hf-path", folder, "--output", str(tmp_path / "out")], capsys)
     assert "--hf-path" in err and all(fragment in err for fragment in named), err
     assert not os.path.exists(tmp_path / "out")

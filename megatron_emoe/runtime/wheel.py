@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 
-_applied = False
+from megatron.core.datasets import utils
 
 
 def _compile_helpers_if_missing(compile_helpers):
@@ -13,20 +14,14 @@ def _compile_helpers_if_missing(compile_helpers):
 
     @functools.wraps(compile_helpers)
     def maybe_compile():
-        try:
-            from megatron.core.datasets import helpers_cpp  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is None:
             compile_helpers()
 
+    maybe_compile.patched_by_megatron_emoe = True
     return maybe_compile
 
 
 def apply() -> None:
-    """Patch the wheel's gaps once."""
-    global _applied
-    if _applied:
-        return
-    from megatron.core.datasets import utils
-
-    utils.compile_helpers = _compile_helpers_if_missing(utils.compile_helpers)
-    _applied = True
+    """Patch the wheel's gaps (idempotent: a patched function is recognised and left alone)."""
+    if not getattr(utils.compile_helpers, "patched_by_megatron_emoe", False):
+        utils.compile_helpers = _compile_helpers_if_missing(utils.compile_helpers)
