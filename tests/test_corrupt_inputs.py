@@ -102,10 +102,11 @@ def corrupt(emoe_checkpoint, tmp_path):
 
 def _training_args(load, save, **overrides) -> Namespace:
     """The flags `preflight.check_checkpoints` reads, as a run resuming the session's
-    checkpoint (EMoE routing, 4 experts) sets them."""
+    checkpoint (EMoE routing, 4 experts) sets them; without its optimizer state, so that the
+    schedule check (tested in test_training_checks) stays out of these."""
     values = dict(load=str(load) if load else None, save=str(save) if save else None, finetune=False,
                   allow_overwrite_save=False, num_experts=4, moe_router_mode="emoe", ckpt_step=None,
-                  padded_vocab_size=None)
+                  padded_vocab_size=None, no_load_optim=True, coactivation_dir=None)
     values.update(overrides)
     return Namespace(**values)
 
