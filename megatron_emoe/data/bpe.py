@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
 from megatron_emoe.errors import UsageError
 
 EOD, PAD = "<|endoftext|>", "<|pad|>"
@@ -20,16 +23,6 @@ def train_bpe_tokenizer(
     Returns the `PreTrainedTokenizerFast`, which `AutoTokenizer` and Megatron's
     HuggingFaceTokenizer load back from the folder (eos = `<|endoftext|>`, pad = `<|pad|>`).
     """
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from transformers import PreTrainedTokenizerFast
-
     if vocab_size < MIN_VOCAB_SIZE:
         raise UsageError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + special tokens); got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())

@@ -7,6 +7,7 @@ import struct
 from collections.abc import Iterable
 
 import numpy
+from megatron.core.datasets.indexed_dataset import DType
 
 from megatron_emoe.data.indexed import LOSS_MASK_SUFFIX, sequence_lengths
 from megatron_emoe.data.sidecar import find_sidecar, sidecar_tokenizer
@@ -42,8 +43,6 @@ def max_token_id(prefix: str) -> int:
     with open(prefix + ".idx", "rb") as f:
         f.seek(_IDX_DTYPE_OFFSET)
         code = struct.unpack("<B", f.read(1))[0]
-    from megatron.core.datasets.indexed_dataset import DType
-
     dtype = DType.dtype_from_code(code)
     if os.path.getsize(prefix + ".bin") == 0:
         return -1

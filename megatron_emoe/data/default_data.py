@@ -22,7 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import tokenizers
+
 from megatron_emoe.data import default_corpus
+from megatron_emoe.data.bpe import MIN_VOCAB_SIZE, SPECIAL_TOKENS, train_bpe_tokenizer
+from megatron_emoe.data.preprocess import PreprocessConfig, preprocess
 from megatron_emoe.data.sidecar import write_json_atomic
 from megatron_emoe.errors import UsageError
 
@@ -58,8 +62,6 @@ def data_paths(output_dir: str | os.PathLike) -> dict[str, str]:
 
 def build_inputs(corpus_bytes: int, vocab_size: int) -> dict:
     """What the data is a function of; a manifest with equal `inputs` needs no rebuild."""
-    import tokenizers
-
     files = default_corpus.stdlib_files(default_corpus.stdlib_root())
     return {
         "builder": BUILDER, "version": VERSION,
@@ -89,8 +91,6 @@ def build_default_data(
     """Build the default data into `output_dir` (cached: skipped when current unless `overwrite`)."""
     if corpus_bytes < 1:
         raise UsageError(f"--corpus-bytes must be >= 1; got {corpus_bytes}")
-    from megatron_emoe.data.bpe import MIN_VOCAB_SIZE
-
     if vocab_size < MIN_VOCAB_SIZE:
         raise UsageError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + 5 special tokens); got {vocab_size}")
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
@@ -131,9 +131,6 @@ def build_default_data(
 
 def _build(stage: Path, inputs: dict, corpus_bytes: int, vocab_size: int, workers: int, progress: bool) -> dict:
     """Corpus -> raw JSONL -> tokenizer -> four preprocessed datasets -> manifest, all inside `stage`."""
-    from megatron_emoe.data.bpe import SPECIAL_TOKENS, train_bpe_tokenizer
-    from megatron_emoe.data.preprocess import PreprocessConfig, preprocess
-
     root = default_corpus.stdlib_root()
     corpus = default_corpus.build_corpus(root, default_corpus.stdlib_files(root), corpus_bytes)
     raw = stage / "raw"

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from megatron_emoe.errors import UsageError
 
@@ -24,8 +25,6 @@ def dataset_files(prefix: str) -> list[str]:
 
 def sequence_lengths(prefix: str) -> numpy.ndarray:
     """Document lengths `[documents]` of an indexed dataset (copied before its index is unmapped)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     dataset = IndexedDataset(prefix, multimodal=False, mmap=False)
     lengths = numpy.array(dataset.sequence_lengths)
     del dataset
@@ -44,8 +43,6 @@ class StagedIndexedDataset:
     """`IndexedDatasetBuilder` writing `<prefix>.bin/.idx.tmp-<pid>`; `commit()` renames them into place."""
 
     def __init__(self, prefix: str, dtype) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
         self.prefix = prefix
         self.final = dataset_files(prefix)
         self.staged = [f"{path}.tmp-{os.getpid()}" for path in self.final]

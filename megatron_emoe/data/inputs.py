@@ -18,6 +18,10 @@ import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
+import datasets
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
 from megatron_emoe.errors import UsageError
 
 FORMATS = ("jsonl", "parquet", "text")
@@ -76,8 +80,6 @@ def detect_format(files: Sequence[str], input_format: str | None = None) -> str:
 
 def load_records(files: Sequence[str], fmt: str, *, cache_dir: str, text_sample_by: str = "document"):
     """A `datasets.Dataset` of the records of `files` (text: one record per document/paragraph/line)."""
-    import datasets
-
     if text_sample_by not in TEXT_SAMPLE_BY:
         raise UsageError(
             f"--text-sample-by must be one of {', '.join(TEXT_SAMPLE_BY)}; got {text_sample_by!r}"
@@ -114,8 +116,6 @@ def check_inputs(files: Sequence[str], fmt: str, *, progress: bool = False) -> N
     """
     if fmt == "parquet":
         return
-    from tqdm.auto import tqdm
-
     for path in tqdm(files, desc="Checking inputs", unit="file", disable=not progress):
         if _readable(path):
             collections.deque(jsonl_records(path) if fmt == "jsonl" else _lines(path), maxlen=0)
@@ -162,8 +162,6 @@ def records_lacking(
     """
     count, where = 0, []
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
         parquet = pq.ParquetFile(path)
         present = [c for c in columns if c in parquet.schema_arrow.names]
         rows = (
@@ -217,8 +215,6 @@ _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", boo
 
 def _peek_file(path: str, fmt: str) -> list[str] | None:
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
         try:
             return list(pq.read_schema(path).names)
         except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError

@@ -15,7 +15,11 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+import datasets
 import numpy
+import pyarrow.compute as pc
+from megatron.core.datasets.indexed_dataset import DType
+from tqdm.auto import tqdm
 
 from megatron_emoe.data import chat
 from megatron_emoe.data.indexed import (
@@ -84,9 +88,7 @@ class _Plan:
 
     @property
     def dtype(self) -> type:
-        """Token dtype of the .bin files (Megatron imported only here: bad input is refused without it)."""
-        from megatron.core.datasets.indexed_dataset import DType
-
+        """Token dtype of the .bin files."""
         return DType.optimal_dtype(self.vocab_size)
 
 
@@ -151,8 +153,6 @@ def preprocess(config: PreprocessConfig) -> dict:
 
     Raises `UsageError` for bad flags or input, and (`strict`) for records lacking a needed key.
     """
-    import datasets
-
     run = plan(config)
     os.makedirs(os.path.dirname(os.path.abspath(config.output_prefix)), exist_ok=True)
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
@@ -237,8 +237,6 @@ def _needed_columns(
 
 def _count_missing(records, needs: dict[str, tuple[str, list[str]]]) -> dict[str, int]:
     """Records per output dataset with a needed column absent or null (Arrow null counts, no Python loop)."""
-    import pyarrow.compute as pc
-
     counts = {}
     for key, (_, columns) in needs.items():
         lacking = None
@@ -288,8 +286,6 @@ def _encode(records, config: PreprocessConfig, run: _Plan, fields: chat.Conversa
 
 def _write(encoded, config: PreprocessConfig, run: _Plan) -> dict[str, dict]:
     """Write every key's documents (skipping empty ones) to staged files, then rename all into place."""
-    from tqdm.auto import tqdm
-
     writers: dict[str, list[StagedIndexedDataset]] = {}
     try:
         for key, prefix in run.prefixes.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 
+from transformers import AutoTokenizer
+
 from megatron_emoe.errors import UsageError
 
 FLAG = "--tokenizer-model"
@@ -33,8 +35,6 @@ def load_tokenizer(path: str):
 
 @functools.lru_cache(maxsize=4)
 def _load_tokenizer(path: str, stamp: tuple):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import datasets
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -22,6 +24,4 @@ def resolve(data_files, folder: str = HERE):
 
 def load(data_files, **_metadata):
     """A `datasets.DatasetDict` with one split per `data_files` key (local files only)."""
-    import datasets
-
     return datasets.load_dataset("json", data_files=resolve(data_files))
