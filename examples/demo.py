@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import megatron_emoe.cli  # noqa: F401  (first: hides Megatron's import notices, as the console scripts do)
 from megatron_emoe.data.default_data import ensure_default_data
 from megatron_emoe.errors import UsageError, exits_on_usage_error
 from megatron_emoe.runtime.launch import run_training_job, training_command
