@@ -9,7 +9,6 @@ import math
 import random
 import re
 import subprocess
-import sys
 
 import pytest
 
