@@ -24,7 +24,7 @@ from megatron_emoe.cli.convert_checkpoint import main as convert_main
 from megatron_emoe.cli.elastic_eval import main as eval_main
 from megatron_emoe.cli.search_budget_allocation import main as search_main
 from megatron_emoe.errors import UsageError
-from megatron_emoe.runtime import checkpoints
+from megatron_emoe.runtime import checkpoints, saved_args
 from megatron_emoe.training import preflight
 from tests.training_runs import REPO, environment, training_command, usage_error
 
@@ -126,7 +126,7 @@ def test_the_intact_checkpoint_passes(corrupt):
     preflight.adopt_checkpoint_vocab(args)
     preflight.check_checkpoints(args)
     assert args.padded_vocab_size == 512
-    assert checkpoints.checkpoint_args(str(ckpt)).num_experts == 4
+    assert saved_args.checkpoint_args(str(ckpt)).num_experts == 4
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))

@@ -29,7 +29,8 @@ from megatron_emoe.evaluation.lm_eval_adapter import (
     unknown_tasks,
 )
 from megatron_emoe.files import write_text_atomically
-from megatron_emoe.runtime.checkpoints import checkpoint_args, checkpoint_config, latest_checkpoint_name
+from megatron_emoe.runtime.checkpoints import latest_checkpoint_name
+from megatron_emoe.runtime.saved_args import checkpoint_args, checkpoint_config
 from megatron_emoe.runtime.launch import run_gloo
 
 PROG = "emoe-lm-eval"

@@ -33,7 +33,7 @@ from megatron_emoe.evaluation.checkpoint_eval import (
     add_eval_arguments, options_from_args, run_on_ranks, saved_args,
 )
 from megatron_emoe.files import write_text_atomically
-from megatron_emoe.runtime.checkpoints import checkpoint_config
+from megatron_emoe.runtime.saved_args import checkpoint_config
 from megatron_emoe.runtime.evaluate import layer_expert_flops
 
 PROG = "emoe-search-budget-allocation"

@@ -22,7 +22,8 @@ from megatron_emoe.conversion.families import FAMILIES, ConversionError, Family,
 from megatron_emoe.files import mkdtemp_like_mkdir
 from megatron_emoe.runtime import checkpoints
 from megatron_emoe.runtime.arguments import flags_argv
-from megatron_emoe.runtime.checkpoints import HF_SUBDIR, args_from_checkpoint
+from megatron_emoe.runtime.checkpoints import HF_SUBDIR
+from megatron_emoe.runtime.saved_args import args_from_checkpoint, checkpoint_args
 from megatron_emoe.runtime.launch import run_gloo
 from megatron_emoe.runtime.model import build_args, build_model, load, megatron_globals
 
@@ -302,7 +303,7 @@ def saved_args(load: str):
             f"--load {load}: {name}/ is missing or partial (no torch_dist metadata); only complete "
             "torch_dist checkpoints convert"
         )
-    args = checkpoints.checkpoint_args(load, "--load", name=name)
+    args = checkpoint_args(load, "--load", name=name)
     if args is None:
         raise ConversionError(f"--load {load}: the checkpoint saved no training args")
     return args

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from megatron_emoe.budget import Budget, TopP
 from megatron_emoe.errors import UsageError
-from megatron_emoe.runtime.checkpoints import checkpoint_config
+from megatron_emoe.runtime.saved_args import checkpoint_config
 
 
 def read_allocation(path: str) -> Budget:

@@ -24,7 +24,8 @@ from megatron.core.utils import get_model_config
 from megatron_emoe.budget import Budget, BudgetLike, planned_experts, takes_per_token_budgets
 from megatron_emoe.layers import decoder_moe_layers
 from megatron_emoe.errors import UsageError
-from megatron_emoe.runtime.checkpoints import args_from_checkpoint, checked_checkpoint, checkpoint_args
+from megatron_emoe.runtime.checkpoints import checked_checkpoint
+from megatron_emoe.runtime.saved_args import args_from_checkpoint, checkpoint_args
 from megatron_emoe.runtime.data import validation_iterator_factory
 from megatron_emoe.runtime.evaluate import (
     BudgetResult,

@@ -40,7 +40,8 @@ from transformers import AutoTokenizer
 from megatron_emoe import budget as budgets
 from megatron_emoe.budget import Budget, BudgetLike
 from megatron_emoe.errors import UsageError
-from megatron_emoe.runtime.checkpoints import checkpoint_args, latest_checkpoint_name
+from megatron_emoe.runtime.checkpoints import latest_checkpoint_name
+from megatron_emoe.runtime.saved_args import checkpoint_args
 from megatron_emoe.runtime.launch import megatron_session
 from megatron_emoe.runtime.model import loaded_model
 from megatron_emoe.routers import set_active_experts

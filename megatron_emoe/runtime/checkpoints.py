@@ -1,5 +1,5 @@
-"""The read side of Megatron checkpoints: the tracker, the latest iteration, the flags a checkpoint
-was saved with (and the `TransformerConfig` they make), and the `hf/` folder of converted models.
+"""What is on disk in a Megatron checkpoint folder: the tracker, the latest iteration, whether a
+checkpoint's files are whole, and the `hf/` folder of converted models.
 
 The tracker is read strictly (`tracked_checkpoint`) and a checkpoint's files are checked cheaply
 before anything loads it (`check_checkpoint_files`): a missing or garbled tracker, a folder the
@@ -7,12 +7,12 @@ tracker names that is not there, missing or garbled metadata and truncated `.dis
 `UsageError`s naming the file, as are the library's errors when a file turns out garbled on
 reading (`reading_checkpoint`).
 
-Nothing here builds a model; `runtime.model` does, from the flags read here.
+The flags a checkpoint was saved with are read by `runtime.saved_args`; nothing here builds a
+model (`runtime.model` does).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -21,17 +21,12 @@ import re
 import zipfile
 from collections.abc import Iterator
 
-import torch
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.training.arguments import core_transformer_config_from_args
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from megatron_emoe.errors import UsageError
-from megatron_emoe.runtime import cpu_loop
-from megatron_emoe.runtime.arguments import parse_training_args
 
 TRACKER = "latest_checkpointed_iteration.txt"
 HF_SUBDIR = "hf"  # config + tokenizer of a converted model's Hugging Face source
@@ -270,68 +265,3 @@ def reading_checkpoint(checkpoint_dir: str, name: str, flag: str = "--load") -> 
             f"truncated or unreadable ({cause}): restore the folder, or write the iteration of a "
             f"complete checkpoint into {os.path.join(checkpoint_dir, TRACKER)}"
         ) from error
-
-
-def checkpoint_args(checkpoint_dir: str, flag: str = "--load", name: str | None = None
-                    ) -> argparse.Namespace | None:
-    """The training flags saved with the latest checkpoint in `checkpoint_dir`, once it passes
-    `checked_checkpoint` (or with `name`, a folder the caller has checked so, that one's);
-    `UsageError` when there is none or it is corrupt."""
-    name = name or checked_checkpoint(checkpoint_dir, flag)
-    if name is None:
-        raise UsageError(f"{flag} {checkpoint_dir}: no Megatron checkpoint there (expected {TRACKER} "
-                         "and its iter_N or release folder)")
-    with reading_checkpoint(checkpoint_dir, name, flag):
-        common = dist_checkpointing.load_common_state_dict(os.path.join(checkpoint_dir, name))
-    return common.get("args") if isinstance(common, dict) else None
-
-
-def saved_over_defaults(saved: argparse.Namespace) -> argparse.Namespace:
-    """Today's default flags with the saved run's values on top (no process group needed):
-    flags the saving run did not know (plain Megatron-LM checkpoints have no elastic flags) take
-    their default values."""
-    args = parse_training_args(cpu_loop.with_cpu_flags([]))
-    runtime = {"rank", "world_size", "local_rank"}
-    for name, value in vars(saved).items():
-        if name not in runtime:
-            setattr(args, name, value)
-    return args
-
-
-def checkpoint_config(saved: argparse.Namespace, dispatcher: str | None = None):
-    """The saved run's `TransformerConfig`, by Megatron's own translation of its flags (no model,
-    no process group), to check budgets and count expert FLOPs before anything is built;
-    `dispatcher` overrides the token dispatcher the budgets are checked against."""
-    config = core_transformer_config_from_args(saved_over_defaults(saved))
-    if dispatcher:
-        config.moe_token_dispatcher_type = dispatcher
-    return config
-
-
-def args_from_checkpoint(
-    saved: argparse.Namespace, load_dir: str, tp: int = 1, ep: int = 1
-) -> argparse.Namespace:
-    """The saved run's flags, re-targeted at loading its weights at TP = `tp`, EP = `ep` on the
-    ranks of the current gloo world (no pipeline or context parallelism, no optimizer), on top
-    of `saved_over_defaults`.
-    """
-    args = saved_over_defaults(saved)
-    world = torch.distributed.get_world_size()
-    layout = {
-        "tensor_model_parallel_size": tp, "expert_model_parallel_size": ep, "expert_tensor_parallel_size": 1,
-        "pipeline_model_parallel_size": 1, "virtual_pipeline_model_parallel_size": None,
-        "context_parallel_size": 1, "sequence_parallel": False, "data_parallel_size": world // tp,
-        "world_size": world, "rank": torch.distributed.get_rank(), "use_distributed_optimizer": False,
-        "moe_grouped_gemm": False,
-        "load": load_dir, "pretrained_checkpoint": None, "save": None, "finetune": False,
-        "no_load_optim": True, "no_load_rng": True, "use_checkpoint_args": False,
-        "exit_on_missing_checkpoint": True, "perform_initialization": False, "ckpt_format": "torch_dist",
-        "global_batch_size": args.micro_batch_size * (world // tp), "rampup_batch_size": None,
-        "tensorboard_dir": None, "wandb_project": None, "distributed_backend": "gloo",
-    }
-    for name, value in layout.items():
-        setattr(args, name, value)
-    if cpu_loop.on_cpu():
-        args.transformer_impl = "local"
-        args.use_cpu_initialization = True
-    return args

@@ -27,13 +27,8 @@ from megatron_emoe.mla import with_local_mla
 from megatron_emoe.qk_norm import with_projection_qk_norm
 from megatron_emoe.runtime import cpu_loop
 from megatron_emoe.runtime.arguments import parse_training_args
-from megatron_emoe.runtime.checkpoints import (
-    TRACKER,
-    args_from_checkpoint,
-    checked_checkpoint,
-    checkpoint_args,
-    reading_checkpoint,
-)
+from megatron_emoe.runtime.checkpoints import TRACKER, checked_checkpoint, reading_checkpoint
+from megatron_emoe.runtime.saved_args import args_from_checkpoint, checkpoint_args
 from megatron_emoe.spec import with_elastic_router
 
 

@@ -14,10 +14,10 @@ from megatron_emoe.errors import UsageError
 from megatron_emoe.runtime.checkpoints import (
     TRACKER,
     checked_checkpoint,
-    checkpoint_args,
     checkpoint_folders,
     tracked_checkpoint,
 )
+from megatron_emoe.runtime.saved_args import checkpoint_args
 
 # Flags a resumed run must share with its checkpoint (a fine-tune may change the router mode).
 _RESUME_MUST_MATCH = {"num_experts": "--num-experts", "moe_router_mode": "--moe-router-mode"}
