@@ -112,3 +112,21 @@ def test_missing_checkpoint_and_existing_output_are_refused(checkpoint, tmp_path
     result = _tool("--load", str(ckpt), "--output", str(tmp_path / "out"), "--budgets", "1")
     assert result.returncode == 2 and "pass --overwrite" in result.stderr
     assert (tmp_path / "out" / "elastic_eval.json").read_text() == "{}"
+
+
+def test_existing_coactivation_files_are_refused_like_outputs(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    matrices = tmp_path / "coactivation"
+    matrices.mkdir()
+    (matrices / "eval_k1.npz").write_bytes(b"from another evaluation")
+    err = usage_error(tool_main, ["--load", str(ckpt), "--output", str(tmp_path / "out"), "--budgets", "1",
+                                  "--coactivation-dir", str(matrices)], capsys)
+    assert "--coactivation-dir" in err and "eval_k1.npz" in err and "--overwrite" in err
+    assert (matrices / "eval_k1.npz").read_bytes() == b"from another evaluation"
+    # The training matrices it would compare with are read up front: a corrupt one is named.
+    (matrices / "eval_k1.npz").unlink()
+    (matrices / "train.npz").write_bytes(b"not an npz")
+    err = usage_error(tool_main, ["--load", str(ckpt), "--output", str(tmp_path / "out"), "--budgets", "1",
+                                  "--coactivation-dir", str(matrices)], capsys)
+    assert "train.npz" in err
+    assert not (tmp_path / "out").exists()

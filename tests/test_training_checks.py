@@ -182,3 +182,44 @@ def test_budget_outside_the_experts(data, tmp_path):
     out = _refused(_flags(data, "--save", str(tmp_path / "c"), "--save-interval", "1000",
                           "--elastic-eval-budgets", "1", "9"))
     assert "--elastic-eval-budgets 9" in out and "[1, 4]" in out
+
+
+@pytest.mark.slow
+def test_megatron_refusals_are_one_line_too(data, tmp_path):
+    # Megatron's validate_args refuses with a bare assertion; it reaches the user as one line.
+    out = _refused(_flags(data, "--save", str(tmp_path / "c")))  # no --save-interval
+    assert "Megatron's validate_args refused the flags" in out and "save_interval" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need no process
+# ---------------------------------------------------------------------------------------------
+def test_config_files_are_checked(tmp_path):
+    from megatron_emoe.errors import UsageError
+    from megatron_emoe.runtime.arguments import expand_config_argv
+
+    with pytest.raises(UsageError, match=r"--config .*missing.yaml: no such file"):
+        expand_config_argv(["--config", str(tmp_path / "missing.yaml")])
+    (tmp_path / "bad.yaml").write_text("num-layers: [2\n")
+    with pytest.raises(UsageError, match=r"--config .*bad.yaml: not valid YAML"):
+        expand_config_argv(["--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "list.yaml").write_text("- 2\n")
+    with pytest.raises(UsageError, match=r"--config .*list.yaml: expected a mapping"):
+        expand_config_argv(["--config", str(tmp_path / "list.yaml")])
+    with pytest.raises(UsageError, match="--config needs a YAML file"):
+        expand_config_argv(["--num-layers", "2", "--config"])
+    (tmp_path / "ok.yaml").write_text("num-layers: 2\nswiglu: true\nbias: false\n")
+    assert expand_config_argv(["--config", str(tmp_path / "ok.yaml"), "--num-layers", "4"]) == [
+        "--num-layers", "2", "--swiglu", "--num-layers", "4"]
+
+
+def test_a_tokenizer_path_that_does_not_exist_is_refused(tmp_path):
+    from megatron_emoe.errors import UsageError
+    from megatron_emoe.training.preflight import check_before_parsing_done
+
+    args = Namespace(tokenizer_model=str(tmp_path / "no_tokenizer"), max_position_embeddings=64,
+                     seq_length=64, elastic_eval_budgets=None, save=None)
+    with pytest.raises(UsageError, match=r"--tokenizer-model .*no_tokenizer: no such tokenizer"):
+        check_before_parsing_done(args)
+    args.tokenizer_model = "gpt2"  # a bare name may be a Hugging Face hub id: left to the loader
+    check_before_parsing_done(args)
