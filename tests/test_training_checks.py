@@ -223,3 +223,14 @@ def test_a_tokenizer_path_that_does_not_exist_is_refused(tmp_path):
         check_before_parsing_done(args)
     args.tokenizer_model = "gpt2"  # a bare name may be a Hugging Face hub id: left to the loader
     check_before_parsing_done(args)
+
+
+def test_help_prints(capsys):
+    # Megatron-Core 0.19.2 has help strings with a bare '%', which made argparse's --help crash.
+    from megatron_emoe.runtime.arguments import parse_training_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_training_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--moe-router-mode" in out and "= 10%)" in out and "default 100%" in out

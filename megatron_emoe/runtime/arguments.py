@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +18,7 @@ from megatron_emoe.errors import UsageError
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`extra_args_provider` of the entry: elastic-routing flags plus the training extras."""
+    _escape_bare_percents(parser)
     add_elastic_moe_args(parser)
     group = parser.add_argument_group(title="megatron-emoe training")
     group.add_argument(
@@ -52,6 +54,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "from (its iterations would be overwritten).",
     )
     return parser
+
+
+def _escape_bare_percents(parser: argparse.ArgumentParser) -> None:
+    """argparse %-formats every help string, and a few of Megatron's contain a bare '%' (0.19.2:
+    "headroom (e.g. 1.10 = 10%)"), which made `--help` crash; escape those, keep %(default)s."""
+    for action in parser._actions:
+        if action.help and "%" in action.help:
+            action.help = re.sub(r"%%|%\(|%", lambda m: "%%" if m[0] == "%" else m[0], action.help)
 
 
 def flags_argv(mapping: dict) -> list[str]:
