@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean gpu-kit
 
 $(STAMP): setup.py
 	@interpreter=$$(tools/find_python312.sh) || exit 1; \
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+
+# Everything the offline GPU machine lacks (megatron-core, TE built for torch 2.11.0+cu130 / sm_90),
+# in the ignored folder gpu-kit/; prints the device calls (see tools/gpu_kit.py, tools/gpu_check.sh).
+gpu-kit:
+	@interpreter=$$(tools/find_python312.sh) || exit 1; "$$interpreter" tools/gpu_kit.py $(GPU_KIT_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

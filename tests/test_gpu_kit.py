@@ -8,6 +8,7 @@ here downloads anything. The pruner is checked on a small ELF file built here.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -142,3 +143,28 @@ def test_prune_fatbin_dry_run_changes_nothing(tmp_path):
     original = path.read_bytes()
     assert prune_fatbin.prune(path, 90, dry_run=True)["bytes_zeroed"] == 8
     assert path.read_bytes() == original
+
+
+def test_a_kit_over_one_calls_budget_is_split_over_calls(monkeypatch):
+    """Over the budget, the plan spreads the kit over calls (a wheel above it in parts), the calls
+    before the last stash their part, and the parts join back into the wheel."""
+    kit = KIT / "test-split"
+    shutil.rmtree(kit, ignore_errors=True)
+    (kit / "wheels").mkdir(parents=True)
+    try:
+        big = bytes(range(256)) * (10 * 1024)  # 2.5 MiB
+        (kit / "wheels" / "big-1-py3-none-any.whl").write_bytes(big)
+        (kit / "wheels" / "small-1-py3-none-any.whl").write_bytes(b"x" * 300_000)
+        monkeypatch.setattr(gpu_kit, "CARRY_BUDGET", 1 * MIB)
+        plan = gpu_kit.make_plan(kit)
+        calls = plan["calls"]
+        assert len(calls) == 3
+        for call in calls:
+            assert call["carry_bytes"] <= 1 * MIB
+            assert call["carry"] == [f"gpu-kit/test-split/parts/call{call['call']}"]
+        assert all(c["command"].startswith(f"mkdir -p {gpu_kit.STASH}") for c in calls[:-1])
+        assert "KIT_STASH=" in calls[-1]["command"] and "tools/gpu_check.sh" in calls[-1]["command"]
+        parts = sorted(kit.glob("parts/call*/big-1-py3-none-any.whl.part*"), key=lambda p: p.name)
+        assert b"".join(p.read_bytes() for p in parts) == big
+    finally:
+        shutil.rmtree(kit, ignore_errors=True)
