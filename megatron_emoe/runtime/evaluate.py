@@ -73,9 +73,10 @@ def evaluate_at_budget(
     ) as recorder:
         loss_dict, _, _ = evaluate(forward_step, make_iterator(), model, None, config)
     stats = recorder.reduce()
-    if coactivation_dir is not None:
+    if coactivation_dir is not None:  # no budget (None) is the training top-k
+        named = budget or Budget(config.moe_router_topk)
         coactivation.write_reduced(
-            stats, coactivation_dir, coactivation.eval_tag(budget), budget=budget.to_json()
+            stats, coactivation_dir, coactivation.eval_tag(named), budget=named.to_json()
         )
     decoder = [n for n in decoder_moe_layers(config) if n in stats.counts]
     per_layer = [
