@@ -104,10 +104,6 @@ class Budget:
         return isinstance(self.value, TopP)
 
     @property
-    def is_per_layer(self) -> bool:
-        return isinstance(self.value, tuple)
-
-    @property
     def label(self) -> str:
         """Short text for tables, file names and JSON keys: "2", "1-2-3-4", "top_p0.5_max4";
         `parse` reads it back."""

@@ -29,7 +29,6 @@ from megatron_emoe.evaluation.lm_eval_adapter import (
     unknown_tasks,
 )
 from megatron_emoe.files import write_text_atomically
-from megatron_emoe.runtime.checkpoints import latest_checkpoint_name
 from megatron_emoe.runtime.saved_args import checkpoint_args, checkpoint_config
 from megatron_emoe.runtime.launch import run_gloo
 
@@ -64,8 +63,6 @@ def check(args: argparse.Namespace):
                                ("--batch-size", args.batch_size, 1), ("--max-gen-toks", args.max_gen_toks, 1)):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
-    if not os.path.isdir(args.load) or latest_checkpoint_name(args.load) is None:
-        raise UsageError(f"--load {args.load}: no Megatron checkpoint (latest_checkpointed_iteration.txt) there")
     saved = checkpoint_args(args.load)
     config = checkpoint_config(saved)
     budgets = []

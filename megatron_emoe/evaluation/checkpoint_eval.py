@@ -24,7 +24,7 @@ from megatron.core.utils import get_model_config
 from megatron_emoe.budget import Budget, BudgetLike, planned_experts, takes_per_token_budgets
 from megatron_emoe.layers import decoder_moe_layers
 from megatron_emoe.errors import UsageError
-from megatron_emoe.runtime.checkpoints import checked_checkpoint
+from megatron_emoe.runtime.checkpoints import required_checkpoint
 from megatron_emoe.runtime.saved_args import args_from_checkpoint, checkpoint_args
 from megatron_emoe.runtime.data import validation_iterator_factory
 from megatron_emoe.runtime.evaluate import (
@@ -58,12 +58,8 @@ class EvalOptions:
 
     def validate(self) -> "EvalOptions":
         """Raise `ValueError` naming the flag for bad values; checks the checkpoint is there and
-        whole (tracker, metadata, .distcp sizes: `checked_checkpoint`)."""
-        if not os.path.isdir(self.load) or checked_checkpoint(self.load, "--load") is None:
-            raise UsageError(
-                f"--load {self.load}: no Megatron checkpoint there "
-                "(expected latest_checkpointed_iteration.txt and its iter_N or release folder)"
-            )
+        whole (tracker, metadata, .distcp sizes: `required_checkpoint`)."""
+        required_checkpoint(self.load, "--load")
         for flag, value in (
             ("--nproc", self.nproc),
             ("--tensor-model-parallel-size", self.tensor_model_parallel_size),

@@ -20,7 +20,6 @@ dependency (`pip install megatron-emoe[eval]`); importing this module needs it.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 from collections.abc import Iterable
@@ -40,7 +39,6 @@ from transformers import AutoTokenizer
 from megatron_emoe import budget as budgets
 from megatron_emoe.budget import Budget, BudgetLike
 from megatron_emoe.errors import UsageError
-from megatron_emoe.runtime.checkpoints import latest_checkpoint_name
 from megatron_emoe.runtime.saved_args import checkpoint_args
 from megatron_emoe.runtime.launch import megatron_session
 from megatron_emoe.runtime.model import loaded_model
@@ -77,11 +75,9 @@ class MegatronEMoELM(TemplateLM):
                  batch_size=1, max_length: int | None = None, max_gen_toks: int = 256,
                  **_ignored):  # lm-eval also passes device / max_batch_size
         super().__init__()
-        if not os.path.isdir(load) or latest_checkpoint_name(load) is None:
-            raise UsageError(f"load={load}: no Megatron checkpoint (latest_checkpointed_iteration.txt) there")
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
-        saved = checkpoint_args(load)
+        saved = checkpoint_args(load, "load")  # a UsageError when there is no whole checkpoint
         self.load = load
         self._tokenizer_path = tokenizer_model or saved.tokenizer_model
         self.tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)

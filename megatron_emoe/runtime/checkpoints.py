@@ -225,6 +225,15 @@ def checked_checkpoint(checkpoint_dir: str | None, flag: str = "--load", step: i
     return name
 
 
+def required_checkpoint(checkpoint_dir: str | None, flag: str = "--load", step: int | None = None) -> str:
+    """`checked_checkpoint`, for readers that need one: a `UsageError` when there is none."""
+    name = checked_checkpoint(checkpoint_dir, flag, step=step)
+    if name is None:
+        raise UsageError(f"{flag} {checkpoint_dir}: no Megatron checkpoint there (expected {TRACKER} "
+                         "and its iter_N or release folder)")
+    return name
+
+
 # Errors of reading a file that say its bytes are wrong (truncated, garbled) or unreadable.
 _FILE_ERRORS = (EOFError, OSError, pickle.UnpicklingError, UnicodeDecodeError, json.JSONDecodeError,
                 zipfile.BadZipFile)

@@ -27,7 +27,7 @@ from megatron_emoe.mla import with_local_mla
 from megatron_emoe.qk_norm import with_projection_qk_norm
 from megatron_emoe.runtime import cpu_loop
 from megatron_emoe.runtime.arguments import parse_training_args
-from megatron_emoe.runtime.checkpoints import TRACKER, checked_checkpoint, reading_checkpoint
+from megatron_emoe.runtime.checkpoints import reading_checkpoint, required_checkpoint
 from megatron_emoe.runtime.saved_args import args_from_checkpoint, checkpoint_args
 from megatron_emoe.spec import with_elastic_router
 
@@ -117,14 +117,10 @@ def load(model, load_arg: str = "load") -> int:
 
 def _checkpoint_to_load(load_arg: str) -> tuple[str, str, str]:
     """(folder, checkpoint in it, flag name) of flag `load_arg` in Megatron's global args, once
-    the checkpoint there passes `checked_checkpoint`."""
+    the checkpoint there passes `required_checkpoint`."""
     args = get_args()
     load_dir, flag = getattr(args, load_arg), "--" + load_arg.replace("_", "-")
-    name = checked_checkpoint(load_dir, flag, step=getattr(args, "ckpt_step", None))
-    if name is None:
-        raise UsageError(f"{flag} {load_dir}: no Megatron checkpoint there (expected {TRACKER} "
-                         "and its iter_N or release folder)")
-    return load_dir, name, flag
+    return load_dir, required_checkpoint(load_dir, flag, step=getattr(args, "ckpt_step", None)), flag
 
 
 @contextlib.contextmanager

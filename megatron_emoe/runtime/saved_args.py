@@ -13,10 +13,9 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.training.arguments import core_transformer_config_from_args
 
-from megatron_emoe.errors import UsageError
 from megatron_emoe.runtime import cpu_loop
 from megatron_emoe.runtime.arguments import parse_training_args
-from megatron_emoe.runtime.checkpoints import TRACKER, checked_checkpoint, reading_checkpoint
+from megatron_emoe.runtime.checkpoints import reading_checkpoint, required_checkpoint
 
 
 def checkpoint_args(checkpoint_dir: str, flag: str = "--load", name: str | None = None
@@ -24,10 +23,7 @@ def checkpoint_args(checkpoint_dir: str, flag: str = "--load", name: str | None 
     """The training flags saved with the latest checkpoint in `checkpoint_dir`, once it passes
     `checked_checkpoint` (or with `name`, a folder the caller has checked so, that one's);
     `UsageError` when there is none or it is corrupt."""
-    name = name or checked_checkpoint(checkpoint_dir, flag)
-    if name is None:
-        raise UsageError(f"{flag} {checkpoint_dir}: no Megatron checkpoint there (expected {TRACKER} "
-                         "and its iter_N or release folder)")
+    name = name or required_checkpoint(checkpoint_dir, flag)
     with reading_checkpoint(checkpoint_dir, name, flag):
         common = dist_checkpointing.load_common_state_dict(os.path.join(checkpoint_dir, name))
     return common.get("args") if isinstance(common, dict) else None
