@@ -22,6 +22,7 @@ import torch
 
 from megatron_emoe.data.bpe import SPECIAL_TOKENS, train_bpe_tokenizer
 from megatron_emoe.data.preprocess import PreprocessConfig, preprocess
+from tests.training_runs import usage_error
 
 EOS = "<|endoftext|>"
 TEXTS = [
@@ -80,13 +81,7 @@ def preprocess_cli():
 
 def cli_error(capsys, main, argv) -> str:
     """The one stderr line of a CLI run that must exit with status 2 (`prog: error: ...`)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    return usage_error(main, argv, capsys).rstrip("\n")
 
 
 def encode(hf, text: str) -> list[int]:
@@ -444,10 +439,8 @@ def test_cli_rejects_bad_input(tmp_path, tokenizer_dir, capsys, argv, message):
 def test_cli_input_format_choices(tmp_path, tokenizer_dir, capsys):
     main = preprocess_cli()
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--input", "x", "--input-format", "csv", "--output-prefix", "y", "--tokenizer-model", tokenizer_dir])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = cli_error(capsys, main, ["--input", "x", "--input-format", "csv", "--output-prefix", "y",
+                                   "--tokenizer-model", tokenizer_dir])
     assert "--input-format: invalid choice: 'csv'" in err and "jsonl" in err and "parquet" in err
 
 
