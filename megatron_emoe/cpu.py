@@ -78,6 +78,21 @@ def _dtoh_and_synchronize(self, point: str, tokens_per_expert=None):
     return tokens_per_expert
 
 
+def _tensors_stay_on_cpu(method):
+    """`method` run with `Tensor.cuda()` returning the tensor itself (CPU has no other device)."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    return run
+
+
 class _SameGeneratorFilter(logging.Filter):
     """On CPU the tracked "CUDA" generator is the CPU one, so `fork()`'s CPU-state warning is moot."""
 
@@ -95,6 +110,8 @@ def enable() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async, state_dict_saver
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings import rotary_pos_embedding, yarn_rotary_pos_embedding
+    from megatron.core.models.common.language_module import language_module
+    from megatron.core.pipeline_parallel import p2p_communication
     from megatron.core.tensor_parallel import layers, mappings, random
     from megatron.core.transformer import multi_token_prediction
     from megatron.core.transformer import utils as transformer_utils
@@ -111,6 +128,13 @@ def enable() -> None:
     rotary_pos_embedding.torch = cpu_torch
     # YarnRotaryEmbedding (MLA's YaRN) allocates its frequencies there too.
     yarn_rotary_pos_embedding.torch = cpu_torch
+    # Pipeline send/recv buffers and their shape exchange live on torch.cuda.current_device().
+    p2p_communication.torch = cpu_torch
+    # Tied embeddings under pipeline parallelism: the first and last stages' copies are moved
+    # with `.cuda()` before they are all-reduced to agree.
+    language_module.LanguageModule.setup_embeddings_and_output_layer = _tensors_stay_on_cpu(
+        language_module.LanguageModule.setup_embeddings_and_output_layer
+    )
     # MTP's loss bookkeeping allocates on torch.cuda.current_device().
     multi_token_prediction.torch = cpu_torch
     # Parallel linears allocate weights on torch.cuda.current_device() (use_cpu_initialization=False).

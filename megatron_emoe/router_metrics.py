@@ -13,6 +13,7 @@ import torch
 from megatron.core.transformer.moe import moe_logging
 
 from megatron_emoe import routing
+from megatron_emoe.cpu import device
 from megatron_emoe.layers import num_layer_slots, router_slot
 
 ENTROPY = "router_entropy"
@@ -41,19 +42,24 @@ def record(router, logits: torch.Tensor, routing_map: torch.Tensor, entropy=None
 
 class ElasticMetricsTracker(moe_logging.MoEMetricsTracker):
     """Megatron's tracker, reporting the elastic-routing metrics too, and each layer's load per
-    expert (fraction of routed tokens, summed over all ranks) as `expert_load/layer_L/expert_E`."""
+    expert (fraction of routed tokens, summed over all ranks) as `expert_load/layer_L/expert_E`.
 
-    def __init__(self, extra_names: tuple[str, ...] = (ENTROPY, IMBALANCE)):
+    The load table is `[layer slots, experts]` on every rank, so a pipeline stage without MoE
+    layers joins the all-reduce with zeros (as Megatron's `force_initialize` does for its own)."""
+
+    def __init__(self, extra_names: tuple[str, ...], num_layer_slots: int, num_experts: int):
         super().__init__()
         self.extra_names = tuple(extra_names)
-        self.expert_load: Optional[torch.Tensor] = None  # [layers, experts] token counts
+        self.load_shape = (num_layer_slots, num_experts)
+        self.expert_load: Optional[torch.Tensor] = None  # [layer slots, experts] token counts
 
     def record_expert_load(self, layer: int, num_layers: int, tokens_per_expert: torch.Tensor):
+        self._load_table(tokens_per_expert.device)[layer - 1] += tokens_per_expert.float()
+
+    def _load_table(self, device) -> torch.Tensor:
         if self.expert_load is None:
-            self.expert_load = torch.zeros(
-                num_layers, tokens_per_expert.numel(), device=tokens_per_expert.device
-            )
-        self.expert_load[layer - 1] += tokens_per_expert.float()
+            self.expert_load = torch.zeros(self.load_shape, device=device)
+        return self.expert_load
 
     def report(self, loss_scale, iteration, writer=None, wandb_writer=None, *args,
                track_names=None, **kwargs) -> str:
@@ -65,9 +71,7 @@ class ElasticMetricsTracker(moe_logging.MoEMetricsTracker):
                               track_names=track_names, **kwargs)
 
     def _report_expert_load(self, iteration, writer, wandb_writer) -> None:
-        if self.expert_load is None:
-            return
-        load = self.expert_load
+        load = self._load_table(device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)  # tokens of every TP/CP/DP shard, layers of every PP stage
         fractions = load / load.sum(dim=-1, keepdim=True).clamp_min(1)
@@ -84,9 +88,9 @@ class ElasticMetricsTracker(moe_logging.MoEMetricsTracker):
         load.zero_()
 
 
-def install_tracker(hr_loss: bool) -> ElasticMetricsTracker:
+def install_tracker(hr_loss: bool, num_layer_slots: int, num_experts: int) -> ElasticMetricsTracker:
     """Make Megatron's global MoE metrics tracker an `ElasticMetricsTracker` (call before training)."""
     names = (ENTROPY, IMBALANCE) + ((HR_LOSS,) if hr_loss else ())
-    tracker = ElasticMetricsTracker(names)
+    tracker = ElasticMetricsTracker(names, num_layer_slots, num_experts)
     moe_logging.set_moe_metrics_tracker(tracker)
     return tracker

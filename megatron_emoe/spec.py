@@ -22,11 +22,17 @@ def with_elastic_router(spec: Any, elastic: ElasticMoEConfig) -> Any:
     specs, local or Transformer Engine), MTP block specs, or lists of these. The input is not
     modified. Raises `ValueError` if an MoE layer class it cannot take is found, or no MoE at all.
     """
-    found = []
-    rewritten = _rewrite(spec, elastic, found)
-    if not found:
+    rewritten, count = rewrite_moe_layers(spec, elastic)
+    if not count:
         raise ValueError("with_elastic_router: the spec has no MoE layer (is --num-experts set?)")
     return rewritten
+
+
+def rewrite_moe_layers(spec: Any, elastic: ElasticMoEConfig) -> tuple[Any, int]:
+    """``spec`` with its MoE layers made elastic, and how many there were. A pipeline stage's
+    spec may have none (dense layers only), which `with_elastic_router` would refuse."""
+    found = []
+    return _rewrite(spec, elastic, found), len(found)
 
 
 def map_spec(node: Any, visit) -> Any:

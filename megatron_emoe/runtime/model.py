@@ -29,11 +29,12 @@ from megatron_emoe.runtime import cpu_loop
 from megatron_emoe.runtime.arguments import parse_training_args
 from megatron_emoe.runtime.checkpoints import reading_checkpoint, required_checkpoint
 from megatron_emoe.runtime.saved_args import args_from_checkpoint, checkpoint_args
-from megatron_emoe.spec import with_elastic_router
+from megatron_emoe.spec import rewrite_moe_layers, with_elastic_router
 
 
 def _elastic_default_spec(model_config, vp_stage=None, *, elastic: ElasticMoEConfig, adapt):
-    return adapt(with_elastic_router(default_layer_spec(model_config, vp_stage), elastic))
+    """This (virtual) pipeline stage's default spec, elastic; a stage may hold no MoE layer."""
+    return adapt(rewrite_moe_layers(default_layer_spec(model_config, vp_stage), elastic)[0])
 
 
 def _architecture_options(args):

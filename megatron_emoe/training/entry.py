@@ -22,6 +22,7 @@ from megatron.training.global_vars import set_global_variables
 from megatron_emoe import coactivation, router_metrics
 from megatron_emoe.config import elastic_config_from_args
 from megatron_emoe.errors import UsageError, exits_on_usage_error, is_rank_zero
+from megatron_emoe.layers import num_layer_slots
 from megatron_emoe.runtime import cpu_loop, wheel
 from megatron_emoe.runtime.arguments import expand_config_argv, parse_training_args
 from megatron_emoe.runtime.data import train_valid_test_datasets_provider
@@ -72,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         collector = coactivation.TrainingCollector(args.coactivation_dir)
         save_checkpoint = coactivation.writing_at_saves(save_checkpoint, collector)
     training.save_checkpoint = save_checkpoint
-    router_metrics.install_tracker(hr_loss=elastic.mode != "topk" and elastic.hr_loss_coeff > 0)
+    router_metrics.install_tracker(
+        hr_loss=elastic.hr_loss_coeff > 0, num_layer_slots=num_layer_slots(args),
+        num_experts=args.num_experts,
+    )
     if is_rank_zero():
         saving.carry_hf_config(args.load, args.save)
 
