@@ -20,7 +20,9 @@
 # ------------------------------------------------------------------------------------------------
 emoe_log() { printf '[emoe %s] %s\n' "$(date '+%F %T')" "$*" >&2; }
 
-emoe_die() { emoe_die_with 1 "$@"; }
+# emoe_die MESSAGE...: refuse bad input (a variable, a file, a flag, the allocation) before anything
+# starts: one line on stderr, exit status 2.
+emoe_die() { emoe_die_with 2 "$@"; }
 
 # emoe_die_with STATUS MESSAGE...: one line on stderr, exit with STATUS.
 emoe_die_with() {
@@ -394,23 +396,26 @@ _emoe_on_term() {
     EMOE_TERMINATING=1
 }
 
-# --train-iters of the training command as the entry reads it: from a `--config FILE` (its
-# train-iters line) or a --train-iters flag, the last one in the command winning.
-_emoe_train_iters() {
-    local iters="" prev="" arg value
+# emoe_training_value NAME: the value of flag --NAME in the training command as the entry reads
+# it, from a `--config FILE` (its NAME line) or a --NAME flag, the last one in the command winning
+# ("" when absent: Megatron's default).
+emoe_training_value() {
+    local name=${1//_/-} found="" prev="" arg value
     for arg in "${EMOE_TRAIN_CMD[@]}"; do
-        if [[ $prev == --train-iters ]]; then
-            iters=$arg
-        elif [[ $arg == --train-iters=* ]]; then
-            iters=${arg#*=}
+        if [[ $prev == "--$name" ]]; then
+            found=$arg
+        elif [[ $arg == "--$name="* ]]; then
+            found=${arg#*=}
         elif [[ $prev == --config ]]; then
-            value=$(emoe_config_value train-iters "$arg")
-            if [[ -n $value ]]; then iters=$value; fi
+            value=$(emoe_config_value "$name" "$arg")
+            if [[ -n $value ]]; then found=$value; fi
         fi
         prev=$arg
     done
-    printf '%s\n' "$iters"
+    printf '%s\n' "$found"
 }
+
+_emoe_train_iters() { emoe_training_value train-iters; }
 
 # Should a cleanly finished step be followed by another job? Yes when training stopped before its
 # last iteration (--exit-duration-in-mins) and requeueing is allowed.
@@ -420,6 +425,99 @@ _emoe_unfinished() {
     iters=$(_emoe_train_iters)
     done_iter=$(emoe_checkpoint_iteration "$save")
     [[ $iters =~ ^[0-9]+$ && $done_iter =~ ^[0-9]+$ ]] && ((10#$done_iter < 10#$iters))
+}
+
+# emoe_check_layout: the allocation fits the training command's parallel sizes, before anything
+# starts. NNODES x GPUS_PER_NODE processes must be a multiple of tensor x pipeline x context
+# parallel and of expert-tensor x expert-model x pipeline parallel (Megatron's rank grids), NNODES
+# must be the job's node count, and the job's tasks what the launcher starts: one per node for
+# torchrun, one per process for srun.
+emoe_check_layout() {
+    local name value tp pp cp ep etp
+    for name in tensor-model-parallel-size pipeline-model-parallel-size context-parallel-size \
+        expert-model-parallel-size expert-tensor-parallel-size; do
+        value=$(emoe_training_value "$name")
+        if [[ -n $value && ! $value =~ ^[1-9][0-9]*$ ]]; then
+            emoe_die "--$name must be a whole number >= 1, got '$value'"
+        fi
+    done
+    tp=$(emoe_training_value tensor-model-parallel-size)
+    pp=$(emoe_training_value pipeline-model-parallel-size)
+    cp=$(emoe_training_value context-parallel-size)
+    ep=$(emoe_training_value expert-model-parallel-size)
+    etp=$(emoe_training_value expert-tensor-parallel-size)
+    tp=${tp:-1} pp=${pp:-1} cp=${cp:-1} ep=${ep:-1}
+    etp=${etp:-$tp} # Megatron's default: the dense tensor-parallel size
+
+    if [[ -n ${SLURM_NNODES:-} && $NNODES != "$SLURM_NNODES" ]]; then
+        emoe_die "NNODES=$NNODES does not match the job's $SLURM_NNODES node(s): submit with sbatch --nodes=$NNODES, or leave NNODES unset"
+    fi
+    if [[ ${SLURM_GPUS_ON_NODE:-} =~ ^[0-9]+$ ]] && ((SLURM_GPUS_ON_NODE > 0 && 10#$GPUS_PER_NODE > SLURM_GPUS_ON_NODE)); then
+        emoe_die "GPUS_PER_NODE=$GPUS_PER_NODE is more than the job's $SLURM_GPUS_ON_NODE GPU(s) per node: submit with --gpus-per-node=$GPUS_PER_NODE, or lower GPUS_PER_NODE"
+    fi
+    local tasks=$NNODES per_node=1 unit="node (torchrun starts the GPUS_PER_NODE=$GPUS_PER_NODE processes)"
+    if [[ ${LAUNCHER:-torchrun} == srun ]]; then
+        tasks=$WORLD_SIZE per_node=$GPUS_PER_NODE unit="process"
+    fi
+    if [[ -n ${SLURM_NTASKS_PER_NODE:-} && $SLURM_NTASKS_PER_NODE != "$per_node" ]]; then
+        emoe_die "--ntasks-per-node=$SLURM_NTASKS_PER_NODE does not fit LAUNCHER=${LAUNCHER:-torchrun}: submit with --ntasks-per-node=$per_node, one task per $unit"
+    fi
+    if [[ -n ${SLURM_NTASKS:-} && $SLURM_NTASKS != "$tasks" ]]; then
+        emoe_die "--ntasks=$SLURM_NTASKS does not fit LAUNCHER=${LAUNCHER:-torchrun} on $NNODES node(s): submit with --ntasks=$tasks, one task per $unit"
+    fi
+
+    local world="NNODES=$NNODES x GPUS_PER_NODE=$GPUS_PER_NODE = $WORLD_SIZE processes"
+    if ((WORLD_SIZE % (tp * pp * cp) != 0)); then
+        emoe_die "$world is not a multiple of --tensor-model-parallel-size $tp x --pipeline-model-parallel-size $pp x --context-parallel-size $cp = $((tp * pp * cp)): submit with a node count that makes it one, or change the parallel sizes"
+    fi
+    if ((WORLD_SIZE % (etp * ep * pp) != 0)); then
+        emoe_die "$world is not a multiple of --expert-tensor-parallel-size $etp x --expert-model-parallel-size $ep x --pipeline-model-parallel-size $pp = $((etp * ep * pp)): submit with a node count that makes it one, or change the parallel sizes"
+    fi
+}
+
+# emoe_check_writable WHAT PATH: PATH is a folder this job can write, or one it can create.
+emoe_check_writable() {
+    local what=$1 given=$2 path probe
+    path=$(emoe_abspath "$given")
+    probe=$path
+    while [[ ! -e $probe && $probe != / ]]; do probe=$(dirname "$probe"); done
+    if [[ ! -d $probe ]]; then
+        emoe_die "$what $given: not writable ($probe is not a folder); give a folder this job can create or write"
+    elif [[ ! -w $probe || ! -x $probe ]]; then
+        emoe_die "$what $given: not writable ($probe is read-only for user $(id -un)); give a folder this job can create or write"
+    fi
+}
+
+# emoe_check_outputs: every folder the run writes (--save, the output folder, TensorBoard, the
+# data cache) is writable, before anything starts.
+emoe_check_outputs() {
+    local flag value
+    emoe_check_writable "OUTPUT_DIR" "$OUTPUT_DIR"
+    for flag in --save --tensorboard-dir --data-cache-path; do
+        value=$(emoe_argv_value "$flag" "${EMOE_TRAIN_CMD[@]}")
+        if [[ -n $value ]]; then emoe_check_writable "$flag" "$value"; fi
+    done
+}
+
+# emoe_requeue_reason STATUS: after the training step exited with STATUS, why the job should be
+# requeued; nothing when it should not (cancelled or preempted, REQUEUE=0, a crash, training done,
+# or MAX_REQUEUES reached).
+emoe_requeue_reason() {
+    local rc=$1 reason=""
+    if [[ ${EMOE_TERMINATING:-0} == 1 || ${REQUEUE:-1} == 0 ]]; then
+        return 0
+    elif [[ ${EMOE_REQUEUE:-0} == 1 ]]; then
+        reason="time limit or preemption signal (USR1)"
+    elif [[ $rc == 0 ]] && _emoe_unfinished; then
+        reason="training stopped cleanly before --train-iters (exit duration or exit interval reached)"
+    fi
+    [[ -n $reason ]] || return 0
+    local restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-50}
+    if ((restarts >= max)); then
+        emoe_log "not requeueing ($reason): already restarted $restarts times (MAX_REQUEUES=$max)"
+        return 0
+    fi
+    printf '%s\n' "$reason"
 }
 
 emoe_print_dry_run() {
@@ -443,6 +541,8 @@ emoe_print_dry_run() {
 emoe_launch() {
     emoe_render_launcher
     EMOE_TRAIN_CMD=("$EMOE_ENTRY_MODULE" "${EMOE_ARGS[@]}" "$@")
+    emoe_check_layout
+    emoe_check_outputs
     if emoe_dry_run; then
         emoe_print_dry_run
         return 0
@@ -475,21 +575,11 @@ emoe_launch() {
     fi
     emoe_log "training step exited with status $rc"
 
-    local restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-50} reason=""
-    if [[ $EMOE_TERMINATING == 1 ]]; then
-        reason=""
-    elif [[ $EMOE_REQUEUE == 1 ]]; then
-        reason="time limit or preemption signal (USR1)"
-    elif [[ $rc == 0 ]] && _emoe_unfinished; then
-        reason="training stopped before --train-iters (exit duration reached)"
-    fi
-    if [[ -n $reason && ${REQUEUE:-1} != 0 ]]; then
-        if ((restarts >= max)); then
-            emoe_log "not requeueing ($reason): already restarted $restarts times (MAX_REQUEUES=$max)"
-        else
-            _emoe_requeue "$reason; the next run resumes from the latest checkpoint"
-            return 0
-        fi
+    local reason
+    reason=$(emoe_requeue_reason "$rc")
+    if [[ -n $reason ]]; then
+        _emoe_requeue "$reason; the next run resumes from the latest checkpoint"
+        return 0
     fi
     return "$rc"
 }

@@ -1,10 +1,20 @@
-"""The Slurm scripts in slurm/: syntax, dry-run rendering, and requeue-and-resume (no real Slurm).
+"""The Slurm scripts in slurm/: static checks and dry runs here, and real jobs on a real one-node
+Slurm cluster (tests/slurm_cluster.py: munged, slurmctld, slurmd on localhost, 2 CPUs).
 
-Dry runs render the launcher and training commands with fake SLURM_* variables; the training argv
-(`--config` the YAML recipe, then the scripts' paths and Slurm-derived flags) is parsed back with
-the training entry's own parser, which expands the YAML (so every flag is a real Megatron-or-ours
-flag), and checked by Megatron's `validate_args` for a world of the rendered size. The requeue
-machinery runs for real against fake `srun`, `scancel` and `scontrol` commands.
+Dry runs render the launcher and training commands with made-up SLURM_* variables (a 4-node GPU
+job); the training argv (`--config` the YAML recipe, then the scripts' paths and Slurm-derived
+flags) is parsed back with the training entry's own parser, which expands the YAML (so every flag
+is a real Megatron-or-ours flag), and checked by Megatron's `validate_args` for a world of the
+rendered size. The refusals (bad variables, files, allocation, output folders) are checked both
+in dry runs and in real jobs.
+
+On the cluster, `sbatch slurm/pretrain_emoe.sbatch` trains the tiny EMoE model of
+examples/configs/tiny.yaml with torchrun (2 gloo processes, EP = 2), and
+`sbatch slurm/finetune_emoe_ep.sbatch` fine-tunes a Top-k checkpoint with EMoE at EP = 2 (tiny.yaml
+plus the shipped fine-tuning YAML, resized by trailing flags): once uninterrupted, and once
+interrupted twice, by the signal Slurm sends before the time limit (delivered with
+`scancel --batch --signal=USR1`) and by `scontrol requeue`; the requeued run resumes from its saved
+iteration and logs the uninterrupted run's losses bit for bit.
 """
 
 from __future__ import annotations
@@ -13,14 +23,20 @@ import contextlib
 import io
 import os
 import shlex
+import json
+import math
+import re
 import shutil
-import signal
 import subprocess
-import textwrap
+import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from megatron_emoe.runtime import launch
+from tests.slurm_cluster import slurm_cluster  # noqa: F401 (the fixture)
+from tests.training_runs import scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
@@ -160,6 +176,17 @@ def config_value(key: str, path: Path) -> str:
     ).stdout.rstrip("\n")
 
 
+def refused(script: Path, env: dict[str, str], message: str, *args: str) -> str:
+    """Run the script, which must refuse: exit status 2, one line on stderr starting with
+    `ERROR: message`, nothing on stdout. Returns the line."""
+    proc = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr, proc.stdout[-2000:])
+    assert proc.stderr.startswith(f"ERROR: {message}"), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stdout == ""
+    return proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Syntax
 # ---------------------------------------------------------------------------------------------
@@ -286,18 +313,6 @@ def test_pretrain_overrides_resume_and_exit_duration(tmp_path, parse):
     assert flag_values(training_argv(sections), "--exit-duration-in-mins") == [["77"]]
 
 
-def test_scontrol_gives_master_addr_when_present(tmp_path):
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    scontrol = fake_bin / "scontrol"
-    scontrol.write_text('#!/bin/bash\n[[ $1 == show && $2 == hostnames ]] && printf "host-x\\nhost-y\\n"\n')
-    scontrol.chmod(0o755)
-    env = base_env(tmp_path)
-    env["PATH"] = f"{fake_bin}:{env['PATH']}"
-    sections = dry_run(PRETRAIN, env)
-    assert env_section(sections["ENV"])["MASTER_ADDR"] == "host-x"
-
-
 def test_config_relative_to_the_repository_and_custom(tmp_path, parse):
     """CONFIG: a relative path is taken from the repository (whatever the current folder), an
     absolute one as it is; the file's model is what the entry builds."""
@@ -321,21 +336,11 @@ def test_config_relative_to_the_repository_and_custom(tmp_path, parse):
 )
 @pytest.mark.parametrize("given", ["examples/configs/nope.yaml", "/nonexistent/recipe.yaml", "examples/configs"])
 def test_missing_config_is_refused_before_anything_starts(tmp_path, script, name, given):
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    for command in ("srun", "scontrol", "scancel"):
-        (fake_bin / command).write_text(f'#!/bin/bash\ntouch {shlex.quote(str(tmp_path))}/ran-{command}\n')
-        (fake_bin / command).chmod(0o755)
     env = finetune_env(tmp_path) if script == FINETUNE else base_env(tmp_path)
-    env.update({name: given, "PATH": f"{fake_bin}:{env['PATH']}", "CHECK_PATHS": "0"})
+    env.update({name: given, "CHECK_PATHS": "0"})
     for dry in ("1", "0"):
-        proc = subprocess.run(["bash", str(script)], env={**env, "DRY_RUN": dry}, capture_output=True,
-                              text=True, timeout=30)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.startswith(f"ERROR: {name}={given}: no such file ")
-        assert len(proc.stderr.splitlines()) == 1, proc.stderr
-        assert proc.stdout == ""
-    assert not list(tmp_path.glob("ran-*")) and not (tmp_path / "out").exists()
+        refused(script, {**env, "DRY_RUN": dry}, f"{name}={given}: no such file ")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -442,13 +447,7 @@ def test_missing_variable_is_a_clear_error(tmp_path, script, drop, message):
     env = finetune_env(tmp_path) if script == FINETUNE else base_env(tmp_path)
     del env[drop]
     for dry in ("1", "0"):
-        proc = subprocess.run(
-            ["bash", str(script)], env={**env, "DRY_RUN": dry}, capture_output=True, text=True,
-            timeout=30,
-        )
-        assert proc.returncode != 0
-        assert f"ERROR: {message}" in proc.stderr
-        assert "=== EMOE_TRAINING ===" not in proc.stdout
+        refused(script, {**env, "DRY_RUN": dry}, message)
 
 
 @pytest.mark.parametrize(
@@ -462,24 +461,16 @@ def test_missing_variable_is_a_clear_error(tmp_path, script, drop, message):
     ],
 )
 def test_bad_values_are_clear_errors(tmp_path, extra, message):
-    proc = subprocess.run(
-        ["bash", str(PRETRAIN)], env={**base_env(tmp_path, **extra), "DRY_RUN": "1"},
-        capture_output=True, text=True, timeout=30,
-    )
-    assert proc.returncode != 0 and f"ERROR: {message}" in proc.stderr
+    refused(PRETRAIN, {**base_env(tmp_path, **extra), "DRY_RUN": "1"}, message)
 
 
 def test_finetune_refuses_bad_pretrained(tmp_path):
     env = finetune_env(tmp_path)
     (Path(env["PRETRAINED"]) / "latest_checkpointed_iteration.txt").unlink()
-    proc = subprocess.run(["bash", str(FINETUNE)], env={**env, "DRY_RUN": "1"},
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode != 0 and "has no latest_checkpointed_iteration.txt" in proc.stderr
+    refused(FINETUNE, {**env, "DRY_RUN": "1"}, f"PRETRAINED={env['PRETRAINED']} has no latest_checkpointed_iteration.txt")
 
     env = finetune_env(tmp_path, CKPT=finetune_env(tmp_path)["PRETRAINED"] + "/")
-    proc = subprocess.run(["bash", str(FINETUNE)], env={**env, "DRY_RUN": "1"},
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode != 0 and "CKPT must differ from PRETRAINED" in proc.stderr
+    refused(FINETUNE, {**env, "DRY_RUN": "1"}, "CKPT must differ from PRETRAINED")
 
 
 @pytest.mark.parametrize(
@@ -502,135 +493,129 @@ def test_first_host_of_nodelist(nodelist, first):
     assert out.strip() == first
 
 
+
+
 # ---------------------------------------------------------------------------------------------
-# Requeue-and-resume, run for real against fake srun / scancel / scontrol
+# Refused before anything starts: the allocation against the parallel sizes, output folders
 # ---------------------------------------------------------------------------------------------
-FAKE_SRUN = r"""#!/bin/bash
-# Fake srun: one "training step". Modes: save-on-term, stubborn (ignores TERM), exit0, fail.
-echo "srun $*" >> "$FAKE_LOG"
-echo $$ > "$FAKE_DIR/step.pid"
-save() { mkdir -p "$FAKE_CKPT"; echo "$FAKE_SAVE_ITER" > "$FAKE_CKPT/latest_checkpointed_iteration.txt"; echo "step saved $FAKE_SAVE_ITER" >> "$FAKE_LOG"; }
-case $FAKE_MODE in
-  exit0) save; exit 0 ;;
-  fail) exit 3 ;;
-  stubborn) trap 'echo "step ignores TERM" >> "$FAKE_LOG"' TERM ;;
-  *) trap 'save; exit 0' TERM ;;
-esac
-touch "$FAKE_DIR/running"
-for _ in $(seq 600); do sleep 0.05; done
-echo "step timed out" >> "$FAKE_LOG"; exit 9
-"""
-FAKE_SCANCEL = r"""#!/bin/bash
-echo "scancel $*" >> "$FAKE_LOG"
-[[ $1 == --signal=TERM ]] && kill -TERM "$(cat "$FAKE_DIR/step.pid")"
-exit 0
-"""
-FAKE_SCONTROL = r"""#!/bin/bash
-if [[ $1 == show && $2 == hostnames ]]; then echo fakehost1; exit 0; fi
-echo "scontrol $*" >> "$FAKE_LOG"
-# Like Slurm, a requeue ends the running step.
-[[ $1 == requeue ]] && kill -KILL "$(cat "$FAKE_DIR/step.pid")" 2>/dev/null
-exit 0
-"""
-
-
-def launch_env(tmp_path: Path, mode: str, save_iter: int, **extra: str) -> dict[str, str]:
-    fake = tmp_path / "fake"
-    (fake / "bin").mkdir(parents=True)
-    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
-        path = fake / "bin" / name
-        path.write_text(textwrap.dedent(text))
-        path.chmod(0o755)
-    # The step's length comes from the recipe, read back by the script to decide on a requeue.
-    config = tmp_path / "recipe.yaml"
-    config.write_text(MODEL_YAML.read_text().replace("train-iters: 100000", "train-iters: 1000"))
-    ckpt = tmp_path / "ckpt"
-    env = base_env(
-        tmp_path,
-        CKPT=str(ckpt),
-        CONFIG=str(config),
-        CHECK_PATHS="0",
-        REQUEUE_WATCHDOG_S="0",
-        FAKE_DIR=str(fake),
-        FAKE_LOG=str(fake / "calls.log"),
-        FAKE_CKPT=str(ckpt),
-        FAKE_MODE=mode,
-        FAKE_SAVE_ITER=str(save_iter),
-    )
-    env["PATH"] = f"{fake / 'bin'}:{env['PATH']}"
-    env.update(extra)
-    return env
-
-
-def calls(env: dict[str, str]) -> list[str]:
-    path = Path(env["FAKE_LOG"])
-    return path.read_text().splitlines() if path.exists() else []
-
-
-def start_and_signal(env: dict[str, str], sig: int | None, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(["bash", str(PRETRAIN), *extra], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    if sig is not None:
-        running = Path(env["FAKE_DIR"]) / "running"
-        deadline = time.monotonic() + 20
-        while not running.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the fake step never started"
-            time.sleep(0.02)
-        proc.send_signal(sig)
-        if sig == signal.SIGTERM:  # Slurm sends SIGTERM to the steps as well
-            os.kill(int((Path(env["FAKE_DIR"]) / "step.pid").read_text()), signal.SIGTERM)
-    out, err = proc.communicate(timeout=25)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def test_usr1_checkpoints_then_requeues(tmp_path):
-    env = launch_env(tmp_path, "save-on-term", 480)
-    result = start_and_signal(env, signal.SIGUSR1)
-    log = calls(env)
-    assert log[0].startswith("srun --nodes=4 ") and " torchrun " in log[0]
-    assert f" --module {ENTRY_MODULE} --config " in log[0]
-    assert "--rdzv-endpoint fakehost1:" in log[0]  # MASTER_ADDR from scontrol show hostnames
-    assert log[1:] == ["scancel --signal=TERM 4242", "step saved 480", "scontrol requeue 4242"], (
-        log, result.stderr)
-    assert result.returncode == 0
-    assert "got SIGUSR1" in result.stderr
-
-
-def test_usr1_watchdog_requeues_a_stuck_step(tmp_path):
-    env = launch_env(tmp_path, "stubborn", 0, REQUEUE_WATCHDOG_S="1")
-    t0 = time.monotonic()
-    result = start_and_signal(env, signal.SIGUSR1)
-    log = calls(env)
-    assert log[1:3] == ["scancel --signal=TERM 4242", "step ignores TERM"], log
-    assert "scontrol requeue 4242" in log and "step timed out" not in log
-    assert "still running 1s after SIGTERM" in result.stderr
-    assert time.monotonic() - t0 < 15
-
-
-def test_term_waits_for_the_step_and_does_not_requeue(tmp_path):
-    env = launch_env(tmp_path, "save-on-term", 480)
-    result = start_and_signal(env, signal.SIGTERM)
-    log = calls(env)
-    assert "step saved 480" in log
-    assert not any(line.startswith(("scontrol", "scancel")) for line in log), log
-    assert "no requeue" in result.stderr
-
-
 @pytest.mark.parametrize(
-    "mode, save_iter, extra, args, requeued, rc",
+    "script, extra, args, message",
     [
-        ("exit0", 500, {}, (), True, 0),  # --exit-duration-in-mins stopped it early: go on
-        ("exit0", 1000, {}, (), False, 0),  # finished (train-iters 1000 in the YAML)
-        ("exit0", 500, {}, ("--train-iters", "500"), False, 0),  # a trailing flag beats the YAML
-        ("exit0", 1000, {}, ("--train-iters=2000",), True, 0),
-        ("exit0", 500, dict(SLURM_RESTART_COUNT="5", MAX_REQUEUES="5"), (), False, 0),
-        ("exit0", 500, dict(REQUEUE="0"), (), False, 0),
-        ("fail", 0, {}, (), False, 3),  # a crash is not requeued in a loop
+        # the YAML's EP 8 on one node of 4 GPUs
+        (PRETRAIN, dict(SLURM_NNODES="1", GPUS_PER_NODE="4"), (),
+         "NNODES=1 x GPUS_PER_NODE=4 = 4 processes is not a multiple of --expert-tensor-parallel-size 1 "
+         "x --expert-model-parallel-size 8 x --pipeline-model-parallel-size 1 = 8"),
+        # the fine-tuning YAML's EP 16 on one node of 8 GPUs
+        (FINETUNE, dict(SLURM_NNODES="1", SLURM_JOB_NODELIST="nodeA"), (),
+         "NNODES=1 x GPUS_PER_NODE=8 = 8 processes is not a multiple of --expert-tensor-parallel-size 1 "
+         "x --expert-model-parallel-size 16"),
+        (PRETRAIN, {}, ("--expert-model-parallel-size", "4", "--tensor-model-parallel-size", "3"),
+         "NNODES=4 x GPUS_PER_NODE=8 = 32 processes is not a multiple of --tensor-model-parallel-size 3 "
+         "x --pipeline-model-parallel-size 1 x --context-parallel-size 1 = 3"),
+        (PRETRAIN, {}, ("--pipeline-model-parallel-size=4", "--expert-tensor-parallel-size", "2"),
+         "NNODES=4 x GPUS_PER_NODE=8 = 32 processes is not a multiple of --expert-tensor-parallel-size 2 "
+         "x --expert-model-parallel-size 8 x --pipeline-model-parallel-size 4 = 64"),
+        (PRETRAIN, {}, ("--context-parallel-size", "0"), "--context-parallel-size must be a whole number >= 1"),
+        (PRETRAIN, dict(NNODES="2"), (), "NNODES=2 does not match the job's 4 node(s)"),
+        (PRETRAIN, dict(SLURM_GPUS_ON_NODE="4", GPUS_PER_NODE="8"), (),
+         "GPUS_PER_NODE=8 is more than the job's 4 GPU(s) per node"),
+        (PRETRAIN, dict(SLURM_NTASKS_PER_NODE="8"), (),
+         "--ntasks-per-node=8 does not fit LAUNCHER=torchrun: submit with --ntasks-per-node=1"),
+        (PRETRAIN, dict(SLURM_NTASKS="8"), (), "--ntasks=8 does not fit LAUNCHER=torchrun on 4 node(s)"),
+        (PRETRAIN, dict(LAUNCHER="srun", SLURM_NTASKS_PER_NODE="1"), (),
+         "--ntasks-per-node=1 does not fit LAUNCHER=srun: submit with --ntasks-per-node=8"),
+        (PRETRAIN, dict(LAUNCHER="srun", SLURM_NTASKS="16", SLURM_NTASKS_PER_NODE="8"), (),
+         "--ntasks=16 does not fit LAUNCHER=srun on 4 node(s): submit with --ntasks=32"),
     ],
 )
-def test_requeue_after_step_exit(tmp_path, mode, save_iter, extra, args, requeued, rc):
-    env = launch_env(tmp_path, mode, save_iter, **extra)
-    result = start_and_signal(env, None, *args)
-    assert result.returncode == rc, result.stderr
-    assert ("scontrol requeue 4242" in calls(env)) == requeued, (calls(env), result.stderr)
+def test_allocation_must_fit_the_parallel_sizes(tmp_path, script, extra, args, message):
+    env = (finetune_env if script == FINETUNE else base_env)(tmp_path, CHECK_PATHS="0", **extra)
+    for dry in ("1", "0"):
+        refused(script, {**env, "DRY_RUN": dry}, message, *args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fitting_allocations_pass(tmp_path):
+    """The same checks accept what fits: the srun launcher's one task per GPU, EP spread over the
+    data-parallel ranks of TP x PP, the job's own node and task counts."""
+    env = base_env(tmp_path, SLURM_NTASKS="4", SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="8",
+                   NNODES="4")
+    dry_run(PRETRAIN, env, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+            "--expert-tensor-parallel-size", "1", "--expert-model-parallel-size", "8")
+    dry_run(PRETRAIN, {**env, "LAUNCHER": "srun", "SLURM_NTASKS": "32", "SLURM_NTASKS_PER_NODE": "8"})
+
+
+def _read_only_folder(tmp_path: Path) -> Path | None:
+    """A read-only tmpfs mount (root may write anywhere else); None where mounting is not allowed."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "emoe-ro", str(folder)], capture_output=True).returncode:
+        return None
+    return folder
+
+
+@pytest.mark.parametrize("where", ["CKPT", "--save", "OUTPUT_DIR", "TENSORBOARD_DIR", "read-only"])
+def test_unwritable_outputs_are_refused(tmp_path, where):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    env = base_env(tmp_path, CHECK_PATHS="0")
+    args: tuple[str, ...] = ()
+    mounted = None
+    if where == "--save":
+        args, flag, given = ("--save", str(a_file / "ckpt")), "--save", str(a_file / "ckpt")
+    elif where == "read-only":
+        mounted = _read_only_folder(tmp_path)
+        if mounted is None:
+            pytest.skip("cannot mount a read-only folder here")
+        flag, given = "--save", str(mounted / "ckpt")
+        env["CKPT"] = given
+    else:
+        given = str(a_file / "sub" / "dir")
+        env[where] = given
+        flag = {"CKPT": "--save", "TENSORBOARD_DIR": "--tensorboard-dir"}.get(where, where)
+    try:
+        for dry in ("1", "0"):
+            line = refused(PRETRAIN, {**env, "DRY_RUN": dry}, f"{flag} {given}: not writable (", *args)
+            assert ("read-only" in line) if mounted else (f"{a_file} is not a folder" in line), line
+    finally:
+        if mounted is not None:
+            subprocess.run(["umount", str(mounted)], check=True)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# When the batch script requeues its job (common.sh's decision, called as the script calls it)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "rc, saved, args, extra, requeued",
+    [
+        (0, 500, (), {}, "stopped cleanly before --train-iters"),  # exit duration reached: go on
+        (0, 1000, (), {}, ""),  # finished (train-iters 1000 in the YAML)
+        (0, None, (), {}, ""),  # nothing saved: nothing to resume
+        (0, 500, ("--train-iters", "500"), {}, ""),  # a trailing flag beats the YAML
+        (0, 1000, ("--train-iters=2000",), {}, "stopped cleanly"),
+        (0, 500, (), dict(SLURM_RESTART_COUNT="5", MAX_REQUEUES="5"), ""),
+        (0, 500, (), dict(REQUEUE="0"), ""),
+        (3, 500, (), {}, ""),  # a crash is not requeued in a loop
+        (1, 500, (), dict(EMOE_REQUEUE="1"), "time limit or preemption signal (USR1)"),
+        (0, 500, (), dict(EMOE_REQUEUE="1", EMOE_TERMINATING="1"), ""),  # cancelled: Slurm decides
+    ],
+)
+def test_requeue_decision(tmp_path, rc, saved, args, extra, requeued):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("num-layers: 2\ntrain-iters: 1000\n")
+    ckpt = tmp_path / "ckpt"
+    if saved is not None:
+        ckpt.mkdir()
+        (ckpt / "latest_checkpointed_iteration.txt").write_text(f"{saved}\n")
+    # The traps' flags (EMOE_*) are set after sourcing, which resets them; the rest is environment.
+    flags = " ".join(f"{key}={value}" for key, value in extra.items() if key.startswith("EMOE_"))
+    script = (f'source {shlex.quote(str(SLURM / "common.sh"))}; {flags} '
+              'EMOE_TRAIN_CMD=(entry --config "$1" --save "$2" "${@:4}"); emoe_requeue_reason "$3"')
+    env = {key: value for key, value in extra.items() if not key.startswith("EMOE_")}
+    proc = subprocess.run(["bash", "-c", script, "_", str(config), str(ckpt), str(rc), *args],
+                          env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert (requeued in proc.stdout) if requeued else proc.stdout == "", proc.stdout
+    assert ("not requeueing" in proc.stderr) == ("MAX_REQUEUES" in extra)
