@@ -15,6 +15,7 @@ _LAZY = {
     "with_elastic_router": "megatron_emoe.spec",
     "set_active_experts": "megatron_emoe.routers",
     "get_active_experts": "megatron_emoe.routers",
+    "set_training_step": "megatron_emoe.routers",
     "elastic_routers": "megatron_emoe.routers",
     "CoactivationRecorder": "megatron_emoe.coactivation",
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from megatron_emoe.errors import UsageError
+from megatron_emoe.routing import budget_weights
 from megatron_emoe.budget import (
     Budget,
     limit_reason,
@@ -22,7 +23,11 @@ from megatron_emoe.budget import (
 )
 
 MODES = ("topk", "emoe", "mmoe")
-MMOE_SAMPLE_LEVELS = ("step", "layer", "token")
+MMOE_SAMPLE_LEVELS = ("model", "layer", "token")
+MMOE_RESAMPLE_EVERY = ("global-batch", "micro-batch")
+MMOE_K_WEIGHTINGS = ("uniform", "capacity")
+# The M-MoE paper's temperature for capacity-aware sampling.
+DEFAULT_CAPACITY_TEMPERATURE = 2.0
 # Load-balancing types whose losses the elastic router can feed with its own routing map.
 AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 
@@ -90,14 +95,50 @@ class ElasticMoEConfig:
         default="layer",
         metadata=_flag(
             "--mmoe-sample-level",
-            "M-MoE: draw k once per step for all layers, per layer, or per token.",
-            choices=MMOE_SAMPLE_LEVELS,
+            "M-MoE: what shares one k: the whole model (every layer), each layer, or each token.",
+            # validated in the config, so the old "step" gets a message naming its replacement
+            metavar="{" + ",".join(MMOE_SAMPLE_LEVELS) + "}",
+        ),
+    )
+    mmoe_resample_every: str = field(
+        default="micro-batch",
+        metadata=_flag(
+            "--mmoe-resample-every",
+            "M-MoE, model or layer level: draw k anew for every micro-batch, or once per "
+            "optimizer step for all its micro-batches (global-batch).",
+            choices=MMOE_RESAMPLE_EVERY,
+        ),
+    )
+    mmoe_k_weighting: str = field(
+        default="uniform",
+        metadata=_flag(
+            "--mmoe-k-weighting",
+            "M-MoE: every budget equally likely, or capacity-aware P(k) ∝ exp(log k / τ).",
+            choices=MMOE_K_WEIGHTINGS,
+        ),
+    )
+    mmoe_capacity_temperature: Optional[float] = field(
+        default=None,
+        metadata=_flag(
+            "--mmoe-capacity-temperature",
+            f"M-MoE: τ of --mmoe-k-weighting capacity (default {DEFAULT_CAPACITY_TEMPERATURE}, "
+            "the paper's).",
+            type=float,
+        ),
+    )
+    mmoe_k_weights: Optional[tuple[float, ...]] = field(
+        default=None,
+        metadata=_flag(
+            "--mmoe-k-weights",
+            "M-MoE: relative weight of each budget, in the order of --mmoe-k-choices "
+            "(ascending for --mmoe-k-min/--mmoe-k-max).",
+            type=float, nargs="+",
         ),
     )
     mmoe_seed: int = field(
         default=1234,
         metadata=_flag(
-            "--mmoe-seed", "M-MoE: seed of the step/layer budget draws (same on all ranks).",
+            "--mmoe-seed", "M-MoE: seed of the model/layer budget draws (same on all ranks).",
             type=int,
         ),
     )
@@ -116,6 +157,8 @@ class ElasticMoEConfig:
         # Normalise list-valued fields so the frozen config stays hashable and comparable.
         if self.mmoe_k_choices is not None:
             object.__setattr__(self, "mmoe_k_choices", tuple(int(k) for k in self.mmoe_k_choices))
+        if self.mmoe_k_weights is not None:
+            object.__setattr__(self, "mmoe_k_weights", tuple(float(w) for w in self.mmoe_k_weights))
         if isinstance(self.active_experts, (list, tuple)):
             budget = tuple(int(k) for k in self.active_experts)
             object.__setattr__(self, "active_experts", budget[0] if len(budget) == 1 else budget)
@@ -136,6 +179,18 @@ class ElasticMoEConfig:
         high = self.mmoe_k_max if self.mmoe_k_max is not None else topk
         return tuple(range(low, high + 1))
 
+    def mmoe_weights(self, topk: int) -> Optional[tuple[float, ...]]:
+        """The probability of each of `mmoe_budgets(topk)`; None when they are equally likely."""
+        if self.mmoe_k_weights is None and self.mmoe_k_weighting == "uniform":
+            return None
+        budgets = self.mmoe_budgets(topk)
+        temperature = (DEFAULT_CAPACITY_TEMPERATURE if self.mmoe_capacity_temperature is None
+                       else self.mmoe_capacity_temperature)
+        weights = self.mmoe_k_weights
+        if weights is not None and self.mmoe_k_choices is not None:  # given in the choices' order
+            weights = [dict(zip(self.mmoe_k_choices, weights))[k] for k in budgets]
+        return budget_weights(budgets, self.mmoe_k_weighting, temperature, weights)
+
     @property
     def inference_budget(self) -> Optional[Budget]:
         """`--moe-active-experts` as a `Budget` (None: the training top-k)."""
@@ -152,11 +207,18 @@ class ElasticMoEConfig:
         """Rules that need no model config."""
         if self.mode not in MODES:
             raise UsageError(f"--moe-router-mode must be one of {MODES}, got {self.mode!r}")
+        if self.mmoe_sample_level == "step":
+            raise UsageError(
+                "--mmoe-sample-level step was split in two: --mmoe-sample-level model (one k for "
+                "every layer) with --mmoe-resample-every micro-batch (the old 'step') or "
+                "global-batch (one k per optimizer step)"
+            )
         if self.mmoe_sample_level not in MMOE_SAMPLE_LEVELS:
             raise UsageError(
                 f"--mmoe-sample-level must be one of {MMOE_SAMPLE_LEVELS}, "
                 f"got {self.mmoe_sample_level!r}"
             )
+        self._validate_mmoe_sampling()
         if self.k_ideal_factor < 1.0:
             raise UsageError(f"--emoe-k-ideal-factor must be >= 1, got {self.k_ideal_factor}")
         if self.hr_loss_coeff < 0.0:
@@ -167,6 +229,40 @@ class ElasticMoEConfig:
             raise UsageError("give either --mmoe-k-choices or --mmoe-k-min/--mmoe-k-max, not both")
         if self.mmoe_k_choices is not None and len(self.mmoe_k_choices) == 0:
             raise UsageError("--mmoe-k-choices needs at least one value")
+
+    def _validate_mmoe_sampling(self) -> None:
+        """How M-MoE draws its budgets: flags that must fit together."""
+        for flag, value, allowed in (
+            ("--mmoe-resample-every", self.mmoe_resample_every, MMOE_RESAMPLE_EVERY),
+            ("--mmoe-k-weighting", self.mmoe_k_weighting, MMOE_K_WEIGHTINGS),
+        ):
+            if value not in allowed:
+                raise UsageError(f"{flag} must be one of {allowed}, got {value!r}")
+        if self.mmoe_sample_level == "token" and self.mmoe_resample_every != "micro-batch":
+            raise UsageError(
+                "--mmoe-resample-every global-batch needs --mmoe-sample-level model or layer: "
+                "per-token budgets are drawn anew for every token"
+            )
+        if self.mmoe_capacity_temperature is not None:
+            if self.mmoe_k_weighting != "capacity":
+                raise UsageError(
+                    "--mmoe-capacity-temperature is the τ of --mmoe-k-weighting capacity; "
+                    "it has no effect with --mmoe-k-weighting uniform"
+                )
+            if not self.mmoe_capacity_temperature > 0:
+                raise UsageError(
+                    f"--mmoe-capacity-temperature must be > 0, got {self.mmoe_capacity_temperature}"
+                )
+        if self.mmoe_k_weights is not None:
+            if self.mmoe_k_weighting != "uniform":
+                raise UsageError(
+                    "give either --mmoe-k-weights or --mmoe-k-weighting capacity, not both"
+                )
+            if min(self.mmoe_k_weights) < 0 or sum(self.mmoe_k_weights) <= 0:
+                raise UsageError(
+                    f"--mmoe-k-weights must be non-negative with a positive sum, "
+                    f"got {list(self.mmoe_k_weights)}"
+                )
 
     def validate(self, transformer_config) -> None:
         """Check this config against a Megatron `TransformerConfig`; raise `ValueError` if off."""
@@ -193,6 +289,13 @@ class ElasticMoEConfig:
                     "--moe-flex-dispatcher-backend ncclep sizes its buffers once from the first "
                     "dispatch: use deepep, hybridep or --moe-token-dispatcher-type alltoall"
                 )
+            if _graphs_capture_router(tc):
+                raise UsageError(
+                    f"--cuda-graph-impl {tc.cuda_graph_impl} would capture the router, whose "
+                    f"random draws and varying k --moe-router-mode {self.mode} needs at every "
+                    "step: leave the router out (--cuda-graph-modules attn, or mlp for dense "
+                    "layers), or use --moe-router-mode topk"
+                )
         if self.active_experts is not None:
             self.inference_budget.validate(tc, flag="--moe-active-experts")
 
@@ -205,12 +308,30 @@ class ElasticMoEConfig:
                 f"{flag} must lie in [1, {limit}] ({limit_reason(tc)}) and not be empty, "
                 f"got {list(budgets)}"
             )
+        if self.mmoe_k_weights is not None:
+            given = self.mmoe_k_choices or budgets
+            if len(set(given)) != len(given):
+                raise UsageError(
+                    f"--mmoe-k-weights pairs with each of --mmoe-k-choices, which repeats a "
+                    f"budget: {list(given)}"
+                )
+            if len(self.mmoe_k_weights) != len(given):
+                raise UsageError(
+                    f"--mmoe-k-weights needs one weight per budget {list(given)} "
+                    f"({len(given)}), got {len(self.mmoe_k_weights)}"
+                )
         if self.mmoe_sample_level == "token" and not takes_per_token_budgets(tc):
             raise UsageError(
                 f"--mmoe-sample-level token gives each token its own k, which "
                 f"--moe-token-dispatcher-type {tc.moe_token_dispatcher_type} cannot take in "
                 f"dropless mode (it needs exactly moe-router-topk experts per token). Use "
-                f"--moe-token-dispatcher-type allgather, or --mmoe-sample-level step|layer"
+                f"--moe-token-dispatcher-type allgather, or --mmoe-sample-level model|layer"
+            )
+        if self.mmoe_sample_level == "token" and tc.moe_pad_expert_input_to_capacity:
+            raise UsageError(
+                "--moe-pad-expert-input-to-capacity pads every expert to a capacity that all "
+                "ranks share, but --mmoe-sample-level token sizes capacity from the budgets each "
+                "rank draws: use --mmoe-sample-level model|layer, or drop without padding"
             )
 
     def _validate_router_features(self, tc) -> None:
@@ -232,6 +353,20 @@ class ElasticMoEConfig:
                 f"--moe-apply-probs-on-input needs exactly one expert per token, which "
                 f"--moe-router-mode {self.mode} does not keep"
             )
+
+
+def _graphs_capture_router(tc) -> bool:
+    """Whether Megatron's CUDA graphs capture the MoE router: a full-iteration graph, a whole
+    layer (no modules named), or the "moe" / "moe_router" modules."""
+    impl = getattr(tc, "cuda_graph_impl", "none")
+    if impl == "none":
+        return False
+    if impl == "full_iteration":
+        return True
+    modules = getattr(tc, "cuda_graph_modules", None) or []
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    names = {getattr(m, "name", str(m)) for m in modules}
+    return not names or bool(names & {"full", "moe", "moe_router"})
 
 
 # ---------------------------------------------------------------------------------------------

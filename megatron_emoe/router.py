@@ -14,6 +14,8 @@ from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
     get_default_pg_collection,
+    get_tokens_per_expert_and_token_count,
+    switch_load_balancing_loss_func,
     topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
@@ -25,11 +27,20 @@ from megatron_emoe.layers import layer_slot
 from megatron_emoe.router_metrics import HR_LOSS as HR_LOSS_NAME
 
 
-class ElasticRouter(TopKRouter):
-    """Routes with Top-k, EMoE or M-MoE in training and with top-k' under a set budget in eval.
+# Draw keys remembered without `begin_step` (a model driven outside the training entry).
+_MAX_REMEMBERED_KEYS = 4096
 
-    Plugs in through `MoESubmodules.router` (see `with_elastic_router`). In training the chosen
-    experts are drawn with torch's RNG, so activation recompute replays them.
+
+class ElasticRouter(TopKRouter):
+    """Routes with Top-k (+ L_HR), EMoE or M-MoE in training and with top-k' under a set budget
+    in eval.
+
+    Plugs in through `MoESubmodules.router` (see `with_elastic_router`). Every training draw
+    starts from a key taken from torch's default CPU generator, which activation checkpointing
+    saves and restores, so a recompute routes exactly as its forward did under any schedule
+    (see `_draw_key`). EMoE samples and per-token budgets mix the key with the rank's data
+    position (independent across DP/EP/CP/SP ranks); model- and layer-level M-MoE budgets are a
+    pure function of (seed, layer, step, micro-batch), the same on every rank.
     """
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, elastic=None):
@@ -42,13 +53,19 @@ class ElasticRouter(TopKRouter):
         self.train_topk = config.moe_router_topk
         self.k_ideal = elastic.resolved_k_ideal(self.train_topk)
         self.mmoe_budgets = elastic.mmoe_budgets(self.train_topk)
+        self.mmoe_weights = elastic.mmoe_weights(self.train_topk)
         # Eval-time budget k' of the whole model (None: the training top-k); see
         # `active_topk`.
         self.budget: Optional[Budget] = elastic.inference_budget
         # Experts per token the dispatcher must expect for the current forward (max if per-token).
         self.dispatch_topk: int = self.train_topk
-        # Count of M-MoE step/layer budget draws; advanced once per forward, not on recompute.
-        self.budget_draws = 0
+        # Training draws: the optimizer step (`begin_step`), the micro-batches first seen in
+        # it, and each draw key's micro-batch, for recomputes that run after later forwards.
+        self.training_step: Optional[int] = None
+        self._microbatches_seen = 0
+        self._microbatch_of_key: dict[int, int] = {}
+        self._generator: Optional[torch.Generator] = None
+        self._data_rank: Optional[int] = None
         # Mean router entropy of the current training forward, when routing computed it.
         self._entropy: Optional[torch.Tensor] = None
         # When True (the co-activation recorder sets it while attached), each `routing()` leaves
@@ -72,26 +89,83 @@ class ElasticRouter(TopKRouter):
             return None
         return self.budget.for_layer(self.config, self.layer_number, self.is_mtp_layer)
 
+    # ---------------------------------------------------------------------------------------
+    # Training draws
+    # ---------------------------------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        """Enter optimizer step `step` (called before each micro-batch; a no-op within a step).
+        Without it every training forward counts as a step of its own."""
+        if step != self.training_step:
+            self.training_step = step
+            self._microbatches_seen = 0
+            self._microbatch_of_key.clear()
+
+    def _draw_key(self) -> tuple[int, int]:
+        """(key, micro-batch index) of this training forward.
+
+        The key is drawn from torch's default CPU generator, whose state Megatron's, TE's and
+        torch's activation checkpointing save with the forward and restore for its recompute:
+        a recompute gets its forward's key back, however many forwards ran in between (1F1B
+        warm-up, interleaved stages). The micro-batch index is the order of first sight within
+        the step, remembered under the key for the recompute."""
+        key = int(torch.randint(2**62, (1,)))
+        microbatch = self._microbatch_of_key.get(key)
+        if microbatch is None:
+            microbatch = self._microbatch_of_key[key] = self._microbatches_seen
+            self._microbatches_seen += 1
+            if len(self._microbatch_of_key) > _MAX_REMEMBERED_KEYS:
+                del self._microbatch_of_key[next(iter(self._microbatch_of_key))]
+        return key, microbatch
+
+    def _rank_generator(self, key: int, device) -> torch.Generator:
+        """A generator on `device` seeded by the draw key and this rank's data position: ranks
+        holding different tokens draw independently; TP ranks holding the same tokens (no
+        sequence parallelism) share TP rank 0's position."""
+        if self._data_rank is None:
+            self._data_rank = self._data_position()
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device)
+        return self._generator.manual_seed(routing.mix_seed(key, self._data_rank))
+
+    def _data_position(self) -> int:
+        if not torch.distributed.is_initialized():
+            return 0
+        group = self.tp_group
+        if group is None or group.size() == 1 or self.config.sequence_parallel:
+            return torch.distributed.get_rank()
+        return torch.distributed.get_global_rank(group, 0)
+
+    def _budget_counter(self, microbatch: int) -> int:
+        """Which draw of the seed's stream a model/layer budget is: per optimizer step with
+        `--mmoe-resample-every global-batch`, else per (step, micro-batch)."""
+        if self.training_step is None:
+            return microbatch
+        if self.elastic.mmoe_resample_every == "global-batch":
+            return self.training_step
+        return routing.mix_seed(self.training_step, microbatch)
+
     def _plan(
         self, num_tokens: int, device, eval_topk: Optional[int]
-    ) -> tuple[int, Optional[torch.Tensor]]:
-        """This forward's budget: (k, None) for one k for all tokens, or (k_max, [tokens] budgets)."""
+    ) -> tuple[int, Optional[torch.Tensor], Optional[torch.Generator]]:
+        """This forward's budget and draws: (k, None, generator) for one k for every token, or
+        (k_max, [tokens] budgets, generator); the generator serves EMoE sampling (None in eval)."""
         if not self.training:
-            return (eval_topk or self.train_topk), None
+            return (eval_topk or self.train_topk), None, None
+        key, microbatch = self._draw_key()
+        generator = self._rank_generator(key, device)
         if self.elastic.mode != "mmoe":
-            return self.train_topk, None
+            return self.train_topk, None, generator
         if self.elastic.mmoe_sample_level == "token":
-            budgets = routing.sample_token_budgets(self.mmoe_budgets, num_tokens, device)
-            return max(self.mmoe_budgets), self._agree_across_tp(budgets)
-        stream = 0 if self.elastic.mmoe_sample_level == "step" else layer_slot(
+            budgets = routing.sample_token_budgets(
+                self.mmoe_budgets, num_tokens, device, generator, self.mmoe_weights
+            )
+            return max(self.mmoe_budgets), self._agree_across_tp(budgets), generator
+        stream = 0 if self.elastic.mmoe_sample_level == "model" else layer_slot(
             self.config, self.layer_number or 0, self.is_mtp_layer
         )
-        k = routing.budget_draw(self.mmoe_budgets, self.elastic.mmoe_seed, stream, self.budget_draws)
-        # A checkpointed forward runs twice (no-grad, then recompute with grad): advance only on
-        # the pass that builds the graph, so both passes draw the same k, exactly once each step.
-        if torch.is_grad_enabled():
-            self.budget_draws += 1
-        return k, None
+        k = routing.budget_draw(self.mmoe_budgets, self.elastic.mmoe_seed, stream,
+                                self._budget_counter(microbatch), self.mmoe_weights)
+        return k, None, generator
 
     # ---------------------------------------------------------------------------------------
     # Routing
@@ -125,8 +199,14 @@ class ElasticRouter(TopKRouter):
     def _route(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         self.topk = self.dispatch_topk = self.train_topk
         eval_topk = None if self.training else self.active_topk
-        if self.elastic.mode == "topk" and not eval_topk:  # exactly Megatron's top-k
-            return super().routing(logits, padding_mask=padding_mask)
+        if self.elastic.mode == "topk" and not eval_topk:  # exactly Megatron's top-k, + L_HR
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+            if self.training and torch.is_grad_enabled() and self.elastic.hr_loss_coeff:
+                logits = logits.reshape(-1, self.config.num_moe_experts)
+                full_softmax = torch.softmax(logits, dim=-1, dtype=torch.float32)
+                mask = None if padding_mask is None else padding_mask.reshape(-1)
+                probs = self._apply_hr_loss(probs, full_softmax, mask)
+            return probs, routing_map
 
         seq_length, bsz = logits.shape[:2]
         logits = logits.view(-1, self.config.num_moe_experts)
@@ -136,11 +216,11 @@ class ElasticRouter(TopKRouter):
 
         if isinstance(eval_topk, TopP):
             k = eval_topk.max_experts
-            chosen = self._choose_experts(logits, k)
+            chosen = self._choose_experts(logits, k, None)
             budgets = self._top_p_budgets(logits, chosen, eval_topk.p)
         else:
-            k, budgets = self._plan(logits.shape[0], logits.device, eval_topk)
-            chosen = self._choose_experts(logits, k)
+            k, budgets, generator = self._plan(logits.shape[0], logits.device, eval_topk)
+            chosen = self._choose_experts(logits, k, generator)
         probs, routing_map = self._gate(logits, chosen, budgets)
         # Megatron's aux-loss helpers read self.topk: give them the mean experts per token.
         self.topk = k if budgets is None else budgets.float().mean()
@@ -148,10 +228,11 @@ class ElasticRouter(TopKRouter):
         map_for_aux_loss = routing_map
 
         if self.config.moe_expert_capacity_factor is not None:
+            # Capacity follows the experts per token actually drawn (their mean when per token).
             probs, routing_map = apply_router_token_dropping(
                 probs,
                 routing_map,
-                router_topk=k,
+                router_topk=k if budgets is None else budgets.float().mean().item(),
                 capacity_factor=self.config.moe_expert_capacity_factor,
                 drop_policy=self.config.moe_token_drop_policy,
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
@@ -168,8 +249,11 @@ class ElasticRouter(TopKRouter):
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map
 
-    def _choose_experts(self, logits: torch.Tensor, k: int) -> torch.Tensor:
-        """`[tokens, k]` experts: sampled from the top-k_ideal pool (EMoE training) or top-k."""
+    def _choose_experts(
+        self, logits: torch.Tensor, k: int, generator: Optional[torch.Generator]
+    ) -> torch.Tensor:
+        """`[tokens, k]` experts: sampled from the top-k_ideal pool with `generator` (EMoE
+        training) or top-k."""
         cfg = self.config
         with torch.no_grad():
             scores = routing.selection_scores(
@@ -183,7 +267,9 @@ class ElasticRouter(TopKRouter):
                     self.train_topk // cfg.moe_router_group_topk,
                 )
             if self.training and self.elastic.mode == "emoe":
-                return self._agree_across_tp(routing.sample_coactivation(scores, k, self.k_ideal))
+                return self._agree_across_tp(
+                    routing.sample_coactivation(scores, k, self.k_ideal, generator)
+                )
             return routing.topk_indices(scores, k)
 
     def _top_p_budgets(self, logits: torch.Tensor, chosen: torch.Tensor, p: float) -> torch.Tensor:
@@ -257,6 +343,34 @@ class ElasticRouter(TopKRouter):
             probs, scores, routing_map, seq_length, bsz, with_padding_mask=padded
         )
         return self._apply_global_aux_loss(probs, scores, routing_map, with_padding_mask=padded)
+
+    def _apply_global_aux_loss(self, probs, scores_for_aux_loss, routing_map,
+                               with_padding_mask: bool = False):
+        """Megatron's global-batch aux loss, with each micro-batch's expert counts divided by
+        its own experts per token before they are summed over the step: Σf_i = 1 when k varies
+        between micro-batches (Megatron divides the summed counts by the current k)."""
+        coeff = self.get_aux_loss_coeff("global_aux_loss")
+        if coeff == 0:
+            return probs
+        counts, local_num_tokens, total_num_tokens = get_tokens_per_expert_and_token_count(
+            routing_map=routing_map, reduce_group=self.tp_dp_cp_group,
+            with_padding_mask=with_padding_mask, topk=self.topk,
+        )
+        self.global_tokens_per_expert += counts / self.topk  # [experts] shares of tokens
+        self.ga_steps += 1
+        loss = switch_load_balancing_loss_func(
+            probs=scores_for_aux_loss,
+            tokens_per_expert=self.global_tokens_per_expert / self.ga_steps,
+            total_num_tokens=total_num_tokens,
+            topk=1,
+            num_experts=self.config.num_moe_experts,
+            moe_aux_loss_coeff=coeff,
+            fused=self.config.moe_router_fusion,
+        )
+        return self.attach_and_log_load_balancing_loss(
+            probs, coeff, loss, "global_load_balancing_loss", self.tp_dp_cp_group,
+            needs_dp_avg=False, valid_token_count=local_num_tokens,
+        )
 
     def _apply_hr_loss(self, probs, full_softmax, padding_mask):
         """Attach coeff * L_HR like Megatron's aux losses (scaled by the loss scale, logged);

@@ -50,6 +50,15 @@ def active_experts(model, k: BudgetLike):
             router.budget = budget
 
 
+def set_training_step(model, step: int) -> None:
+    """Tell every elastic router of `model` (a chunk or a list) which optimizer step the next
+    training micro-batches belong to: M-MoE model/layer budgets are drawn per step
+    (`--mmoe-resample-every global-batch`) or per (step, micro-batch). Call it before each
+    micro-batch's forward; repeating the same step is a no-op."""
+    for router in elastic_routers(model):
+        router.begin_step(step)
+
+
 def get_active_experts(model) -> list:
     """The eval-time k' of each local MoE layer (None where the training top-k applies)."""
     return [router.active_topk for router in _routers_or_raise(model)]

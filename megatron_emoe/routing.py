@@ -13,8 +13,10 @@ import torch
 
 __all__ = [
     "budget_draw",
+    "budget_weights",
     "group_limited_scores",
     "hierarchical_router_loss",
+    "mix_seed",
     "sample_coactivation",
     "sample_token_budgets",
     "selection_scores",
@@ -112,27 +114,77 @@ def hierarchical_router_loss(probs: torch.Tensor) -> torch.Tensor:
     return -(neg_entropy + math.log(probs.shape[-1])).mean()
 
 
+def budget_weights(
+    choices: Sequence[int],
+    weighting: str = "uniform",
+    temperature: float = 1.0,
+    weights: Optional[Sequence[float]] = None,
+) -> tuple[float, ...]:
+    """The probability of each M-MoE budget in ``choices``, summing to 1.
+
+    ``weights`` (one non-negative number per choice) wins when given; else "uniform" gives each
+    choice 1/len, and "capacity" gives P(k) ∝ exp(log k / temperature) = k^(1/temperature), the
+    M-MoE paper's capacity-aware sampling (τ = 2 there): larger budgets drawn more often.
+    """
+    if weights is not None:
+        raw = [float(w) for w in weights]
+        if len(raw) != len(choices) or min(raw) < 0 or sum(raw) <= 0:
+            raise ValueError(
+                f"weights must be {len(choices)} non-negative numbers with a positive sum, got {raw}"
+            )
+    elif weighting == "uniform":
+        raw = [1.0] * len(choices)
+    elif weighting == "capacity":
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        logs = [math.log(k) / temperature for k in choices]
+        raw = [math.exp(v - max(logs)) for v in logs]  # shifted: no overflow for small τ
+    else:
+        raise ValueError(f"weighting must be 'uniform' or 'capacity', got {weighting!r}")
+    total = math.fsum(raw)
+    return tuple(w / total for w in raw)
+
+
 def sample_token_budgets(
-    choices: Sequence[int], num_tokens: int, device=None, generator: Optional[torch.Generator] = None
+    choices: Sequence[int],
+    num_tokens: int,
+    device=None,
+    generator: Optional[torch.Generator] = None,
+    weights: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
-    """M-MoE per-token budgets: ``[tokens]`` values drawn uniformly from ``choices``."""
+    """M-MoE per-token budgets: ``[tokens]`` values of ``choices``, uniform or with ``weights``
+    (probabilities, e.g. from `budget_weights`)."""
     table = torch.as_tensor(list(choices), dtype=torch.long, device=device)
-    picks = torch.randint(len(table), (num_tokens,), generator=generator, device=device)
+    if weights is None:
+        picks = torch.randint(len(table), (num_tokens,), generator=generator, device=device)
+    else:
+        probs = torch.as_tensor(list(weights), dtype=torch.float64, device=device)
+        picks = torch.multinomial(probs, num_tokens, replacement=True, generator=generator)
     return table[picks]
 
 
-def budget_draw(choices: Sequence[int], seed: int, stream: int, counter: int) -> int:
-    """M-MoE per-step / per-layer budget: one value of ``choices``, a pure function of its inputs.
+def budget_draw(
+    choices: Sequence[int],
+    seed: int,
+    stream: int,
+    counter: int,
+    weights: Optional[Sequence[float]] = None,
+) -> int:
+    """M-MoE model- or layer-level budget: one value of ``choices`` (uniform, or with
+    ``weights``), a pure function of its inputs.
 
     Every rank that passes the same (seed, stream, counter) gets the same k, with no
     communication and no use of the global RNG, so TP/EP/DP/PP ranks agree and recompute replays.
     """
-    generator = torch.Generator().manual_seed(_mix(seed, stream, counter))
-    return int(choices[int(torch.randint(len(choices), (1,), generator=generator))])
+    generator = torch.Generator().manual_seed(mix_seed(seed, stream, counter))
+    if weights is None:
+        return int(choices[int(torch.randint(len(choices), (1,), generator=generator))])
+    probs = torch.as_tensor(list(weights), dtype=torch.float64)
+    return int(choices[int(torch.multinomial(probs, 1, generator=generator))])
 
 
-def _mix(*values: int) -> int:
-    """Hash non-negative ints into one 63-bit seed (splitmix64 steps)."""
+def mix_seed(*values: int) -> int:
+    """Hash ints into one 63-bit seed (splitmix64 steps): nearby inputs give unrelated seeds."""
     state = 0x9E3779B97F4A7C15
     for value in values:
         state = (state ^ (int(value) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9

@@ -62,9 +62,37 @@ def gpt_model(config: TransformerConfig, elastic: ElasticMoEConfig) -> GPTModel:
     return runtime_builders.gpt_model(config, elastic, VOCAB, SEQ)
 
 
+def gpt_model_chunks(config: TransformerConfig, elastic: ElasticMoEConfig) -> list[GPTModel]:
+    """This rank's chunks of `gpt_model` for Megatron's pipeline schedules."""
+    return runtime_builders.gpt_model_chunks(config, elastic, VOCAB, SEQ)
+
+
 def gpt_batch(batch_size: int = 2, seed: int = 0):
     """Token ids, positions, causal mask and next-token labels for `gpt_model`."""
     return runtime_builders.gpt_batch(batch_size, SEQ, VOCAB, seed=seed)
+
+
+def inputs(seed: int, hidden: int, seq: int = 12, batch: int = 2) -> torch.Tensor:
+    """Hidden states `[seq, batch, hidden]` for a lone MoE layer, from `seed`."""
+    generator = torch.Generator().manual_seed(100 + seed)
+    return torch.randn(seq, batch, hidden, generator=generator)
+
+
+def record_routing(router) -> list:
+    """Keep the routing map `[tokens, experts]` of every forward of `router`."""
+    maps = []
+    router.register_forward_hook(lambda module, args, output: maps.append(output[1].detach()))
+    return maps
+
+
+def record_router_calls(router) -> list:
+    """Keep (grad enabled, routing map) of every forward of `router`: a checkpointed forward
+    runs without grad, its recompute with."""
+    calls = []
+    router.register_forward_hook(
+        lambda module, args, output: calls.append((torch.is_grad_enabled(), output[1].detach()))
+    )
+    return calls
 
 
 def all_expert_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:

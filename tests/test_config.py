@@ -45,6 +45,14 @@ def config(**overrides):
             dict(moe_router_load_balancing_type="sinkhorn"),
             r"--moe-router-load-balancing-type sinkhorn is not supported",
         ),
+        (dict(mode="mmoe", mmoe_k_choices=(1, 2, 2), mmoe_k_weights=(1.0, 2.0, 3.0)), {},
+         r"--mmoe-k-weights pairs with each of --mmoe-k-choices, which repeats"),
+        (dict(mode="mmoe", mmoe_k_choices=(1, 2), mmoe_k_weights=(1.0, 2.0, 3.0)), {},
+         r"--mmoe-k-weights needs one weight per budget \[1, 2\] \(2\), got 3"),
+        (dict(mode="mmoe", mmoe_sample_level="token"),
+         dict(moe_token_dispatcher_type="allgather", moe_expert_capacity_factor=1.0,
+              moe_pad_expert_input_to_capacity=True),
+         r"--moe-pad-expert-input-to-capacity .* --mmoe-sample-level token"),
     ],
 )
 def test_bad_input_names_flag_and_range(elastic, tc_overrides, message):
@@ -60,6 +68,19 @@ def test_bad_input_names_flag_and_range(elastic, tc_overrides, message):
         (dict(k_ideal_factor=0.5), r"--emoe-k-ideal-factor must be >= 1"),
         (dict(hr_loss_coeff=-1.0), r"--emoe-hr-loss-coeff must be >= 0"),
         (dict(mmoe_k_choices=(1,), mmoe_k_max=2), r"either --mmoe-k-choices or"),
+        (dict(mmoe_sample_level="step"),
+         r"--mmoe-sample-level step was split in two: --mmoe-sample-level model .* "
+         r"--mmoe-resample-every micro-batch"),
+        (dict(mmoe_sample_level="token", mmoe_resample_every="global-batch"),
+         r"--mmoe-resample-every global-batch needs --mmoe-sample-level model or layer"),
+        (dict(mmoe_resample_every="step"), r"--mmoe-resample-every must be one of"),
+        (dict(mmoe_k_weighting="zipf"), r"--mmoe-k-weighting must be one of"),
+        (dict(mmoe_capacity_temperature=2.0), r"--mmoe-capacity-temperature .* no effect"),
+        (dict(mmoe_k_weighting="capacity", mmoe_capacity_temperature=0.0),
+         r"--mmoe-capacity-temperature must be > 0"),
+        (dict(mmoe_k_weighting="capacity", mmoe_k_weights=(1.0, 2.0)),
+         r"either --mmoe-k-weights or --mmoe-k-weighting capacity"),
+        (dict(mmoe_k_weights=(1.0, -2.0)), r"--mmoe-k-weights must be non-negative"),
     ],
 )
 def test_bad_standalone_values_fail_at_construction(kwargs, message):
@@ -80,6 +101,37 @@ def test_valid_combinations_pass():
     ElasticMoEConfig(mode="topk").validate(
         config(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0)
     )
+
+
+def test_mmoe_weights_resolve_from_the_flags():
+    assert ElasticMoEConfig(mode="mmoe").mmoe_weights(4) is None  # uniform: plain draws
+    capacity = ElasticMoEConfig(mode="mmoe", mmoe_k_weighting="capacity").mmoe_weights(4)
+    roots = [k ** 0.5 for k in (1, 2, 3, 4)]  # the paper's τ = 2 by default
+    assert capacity == pytest.approx([r / sum(roots) for r in roots])
+    hot = ElasticMoEConfig(mode="mmoe", mmoe_k_weighting="capacity", mmoe_capacity_temperature=1.0)
+    assert hot.mmoe_weights(4) == pytest.approx([k / 10 for k in (1, 2, 3, 4)])
+    explicit = ElasticMoEConfig(mode="mmoe", mmoe_k_choices=(4, 1), mmoe_k_weights=(3, 1))
+    assert explicit.mmoe_weights(4) == pytest.approx([0.25, 0.75])  # for budgets (1, 4)
+    ranged = ElasticMoEConfig(mode="mmoe", mmoe_k_min=2, mmoe_k_max=3, mmoe_k_weights=(1, 3))
+    assert ranged.mmoe_weights(4) == pytest.approx([0.25, 0.75])
+
+
+def test_cuda_graphs_that_capture_the_router_are_refused_outside_topk():
+    from megatron.core.transformer.enums import CudaGraphModule
+
+    def graphed(impl, modules):
+        tc = config()
+        tc.cuda_graph_impl, tc.cuda_graph_modules = impl, modules
+        return tc
+
+    for impl, modules in (("local", []), ("transformer_engine", [CudaGraphModule.moe_router]),
+                          ("local", [CudaGraphModule.attn, CudaGraphModule.moe]),
+                          ("full_iteration", [])):
+        for mode in ("emoe", "mmoe"):
+            with pytest.raises(ValueError, match=rf"--cuda-graph-impl {impl} would capture the router"):
+                ElasticMoEConfig(mode=mode, k_ideal=4).validate(graphed(impl, modules))
+        ElasticMoEConfig(mode="topk").validate(graphed(impl, modules))
+    ElasticMoEConfig(mode="emoe", k_ideal=4).validate(graphed("local", [CudaGraphModule.attn]))
 
 
 def test_budget_lists_may_cover_mtp_layers():

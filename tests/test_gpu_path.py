@@ -385,7 +385,7 @@ def _te_gpt_model(rank, mode):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.moe.experts import TEGroupedMLP
 
-    from megatron_emoe import elastic_routers, get_active_experts, set_active_experts
+    from megatron_emoe import elastic_routers, get_active_experts, set_active_experts, set_training_step
 
     config = _te_config(hidden_size=128, ffn_hidden_size=256)
     elastic = GPT_MODES[mode]
@@ -412,6 +412,7 @@ def _te_gpt_model(rank, mode):
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for step in range(2):
+        set_training_step(model, step)
         optimizer.zero_grad(set_to_none=True)
         loss = model(inputs, positions, None, labels=labels).float().mean()
         assert torch.isfinite(loss), f"{mode} step {step}: loss {loss.item()}"
@@ -422,8 +423,9 @@ def _te_gpt_model(rank, mode):
             assert (per_token == moe.router.dispatch_topk).all()
             assert recorder.rows[-1] == GPT_SEQ * GPT_BATCH * moe.router.dispatch_topk
         optimizer.step()
-    if mode == "mmoe":
-        assert all(router.budget_draws == 2 for router in elastic_routers(model))
+    if mode == "mmoe":  # one micro-batch per step, each seen once
+        assert all(router.training_step == 1 and router._microbatches_seen == 1
+                   for router in elastic_routers(model))
 
     model.eval()
     for k in range(1, 2 * TOPK + 1):

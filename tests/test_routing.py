@@ -9,17 +9,24 @@ import itertools
 import math
 
 import pytest
+import scipy.stats
 import torch
 
 from megatron_emoe import routing
 
-# Chi-square critical values at p = 0.001, by degrees of freedom.
-CHI2_P001 = {1: 10.83, 3: 16.27, 5: 20.52, 7: 24.32, 9: 27.88, 27: 55.48}
+P_VALUE = 0.001
 
 
-def chi_square(counts: torch.Tensor) -> float:
+def critical(degrees_of_freedom: int) -> float:
+    """The chi-square statistic a correct sampler exceeds with probability `P_VALUE`."""
+    return float(scipy.stats.chi2.ppf(1 - P_VALUE, degrees_of_freedom))
+
+
+def chi_square(counts: torch.Tensor, probs=None) -> float:
+    """Pearson's statistic of `counts` against `probs` (uniform when None)."""
     counts = counts.double()
-    expected = counts.sum() / counts.numel()
+    probs = torch.full_like(counts, 1 / counts.numel()) if probs is None else torch.tensor(probs).double()
+    expected = counts.sum() * probs
     return float(((counts - expected) ** 2 / expected).sum())
 
 
@@ -56,7 +63,7 @@ class TestSampleCoactivation:
         chosen = routing.sample_coactivation(scores, k, k_ideal, generator=seeded(8))
         ranks = (chosen.unsqueeze(-1) == scores.topk(k_ideal, dim=-1).indices.unsqueeze(1))
         per_rank = ranks.any(1).sum(0)
-        assert chi_square(per_rank) < CHI2_P001[k_ideal - 1]
+        assert chi_square(per_rank) < critical(k_ideal - 1)
         assert torch.allclose(per_rank / tokens, torch.full((k_ideal,), k / k_ideal), atol=0.01)
 
     def test_uniform_over_subsets(self):
@@ -73,7 +80,7 @@ class TestSampleCoactivation:
             lookup[a * k_ideal + b] = i
         counts = torch.bincount(lookup[ids], minlength=len(subsets))
         assert (lookup[ids] >= 0).all()
-        assert chi_square(counts) < CHI2_P001[len(subsets) - 1]
+        assert chi_square(counts) < critical(len(subsets) - 1)
 
     def test_seeds_reproduce_and_differ(self):
         scores = torch.randn(1024, 16, generator=seeded(11))
@@ -131,7 +138,7 @@ class TestBudgets:
         again = [routing.budget_draw(choices, 1234, stream=3, counter=c) for c in range(8000)]
         assert draws == again
         counts = torch.tensor([draws.count(k) for k in choices])
-        assert counts.sum() == 8000 and chi_square(counts) < CHI2_P001[3]
+        assert counts.sum() == 8000 and chi_square(counts) < critical(3)
 
     def test_budget_draw_streams_and_seeds_differ(self):
         draw = lambda seed, stream: [routing.budget_draw(range(1, 9), seed, stream, c) for c in range(64)]  # noqa: E731,E501
@@ -141,7 +148,48 @@ class TestBudgets:
     def test_token_budgets(self):
         budgets = routing.sample_token_budgets((1, 3, 5), 30_000, generator=seeded(17))
         assert budgets.shape == (30_000,) and set(budgets.unique().tolist()) == {1, 3, 5}
-        assert chi_square(torch.bincount(budgets)[[1, 3, 5]]) < CHI2_P001[3]
+        assert chi_square(torch.bincount(budgets)[[1, 3, 5]]) < critical(2)
+
+    def test_budget_weights(self):
+        choices = (1, 2, 4, 8)
+        assert routing.budget_weights(choices) == pytest.approx([0.25] * 4)
+        # Capacity-aware: P(k) ∝ exp(log k / τ) = k^(1/τ); τ = 2 favours large k by sqrt(k).
+        root = [math.sqrt(k) for k in choices]
+        assert routing.budget_weights(choices, "capacity", 2.0) == pytest.approx(
+            [r / sum(root) for r in root])
+        assert routing.budget_weights(choices, "capacity", 1.0) == pytest.approx(
+            [k / 15 for k in choices])
+        # A tiny τ puts (almost) all mass on the largest budget, without overflowing.
+        assert routing.budget_weights(choices, "capacity", 0.01)[-1] == pytest.approx(1.0)
+        assert routing.budget_weights(choices, weights=(2, 0, 1, 1)) == pytest.approx([0.5, 0, 0.25, 0.25])
+        for weighting, temperature in (("uniform", 1.0), ("capacity", 2.0)):
+            assert math.fsum(routing.budget_weights(choices, weighting, temperature)) == pytest.approx(1.0)
+
+    @pytest.mark.parametrize("kwargs, message", [
+        (dict(weights=(1, 2)), "weights must be 4"),
+        (dict(weights=(1, -1, 1, 1)), "non-negative"),
+        (dict(weights=(0, 0, 0, 0)), "positive sum"),
+        (dict(weighting="capacity", temperature=0.0), "temperature must be > 0"),
+        (dict(weighting="zipf"), "weighting must be"),
+    ])
+    def test_budget_weights_refuse(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            routing.budget_weights((1, 2, 4, 8), **kwargs)
+
+    def test_budget_draw_follows_weights(self):
+        choices = (1, 2, 4, 8)
+        weights = routing.budget_weights(choices, "capacity", 2.0)
+        draws = [routing.budget_draw(choices, 7, 0, c, weights) for c in range(20_000)]
+        assert draws == [routing.budget_draw(choices, 7, 0, c, weights) for c in range(20_000)]
+        counts = torch.tensor([draws.count(k) for k in choices])
+        assert chi_square(counts, weights) < critical(3)
+        # ... and fails against the uniform law it is not.
+        assert chi_square(counts) > critical(3)
+
+    def test_token_budgets_follow_weights(self):
+        weights = (0.1, 0.2, 0.7)
+        budgets = routing.sample_token_budgets((1, 3, 5), 30_000, generator=seeded(23), weights=weights)
+        assert chi_square(torch.bincount(budgets)[[1, 3, 5]], weights) < critical(2)
 
 
 class TestScores:

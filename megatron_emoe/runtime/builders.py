@@ -12,7 +12,7 @@ import functools
 from typing import Optional
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_emoe.config import ElasticMoEConfig
 from megatron_emoe.cpu import device
-from megatron_emoe.spec import with_elastic_router
+from megatron_emoe.spec import rewrite_moe_layers, with_elastic_router
 
 
 def reseed(seed: int) -> None:
@@ -55,14 +55,29 @@ def moe_layer(config: TransformerConfig, elastic: Optional[ElasticMoEConfig] = N
 
 
 def gpt_model(config: TransformerConfig, elastic: Optional[ElasticMoEConfig], vocab_size: int,
-              seq_length: int, te: bool = False) -> GPTModel:
-    """A real Megatron `GPTModel` (RoPE), plain Top-k (elastic=None) or with elastic routers."""
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=te)
+              seq_length: int, te: bool = False, vp_stage: Optional[int] = None) -> GPTModel:
+    """A real Megatron `GPTModel` (RoPE), plain Top-k (elastic=None) or with elastic routers:
+    the layers of this rank's pipeline stage (virtual stage `vp_stage` when interleaved)."""
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=te, vp_stage=vp_stage)
     if elastic is not None:
-        block = with_elastic_router(block, elastic)
-    model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
-                     max_sequence_length=seq_length, position_embedding_type="rope")
+        block = rewrite_moe_layers(block, elastic)[0]  # a stage may hold dense layers only
+    model = GPTModel(
+        config=config, transformer_layer_spec=block, vocab_size=vocab_size,
+        max_sequence_length=seq_length, position_embedding_type="rope",
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
+    )
     return model.to(device())
+
+
+def gpt_model_chunks(config: TransformerConfig, elastic: Optional[ElasticMoEConfig],
+                     vocab_size: int, seq_length: int) -> list[GPTModel]:
+    """This rank's model chunks for Megatron's pipeline schedules: one per virtual stage."""
+    stages = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if stages is None:
+        return [gpt_model(config, elastic, vocab_size, seq_length)]
+    return [gpt_model(config, elastic, vocab_size, seq_length, vp_stage=v) for v in range(stages)]
 
 
 def gpt_batch(batch_size: int, seq_length: int, vocab_size: int, te: bool = False, seed: int = 0):

@@ -38,6 +38,8 @@ def saved_over_defaults(saved: argparse.Namespace) -> argparse.Namespace:
     for name, value in vars(saved).items():
         if name not in runtime:
             setattr(args, name, value)
+    if args.mmoe_sample_level == "step":  # saved before the level and the frequency were split
+        args.mmoe_sample_level, args.mmoe_resample_every = "model", "micro-batch"
     return args
 
 

@@ -1,5 +1,6 @@
 """The training entry's forward step: the shared `runtime.step.forward_step`, plus the state a
-training run owns — M-MoE budget draws numbered on after a resume, and the co-activation collector."""
+training run owns — the optimizer step the routers draw M-MoE budgets for, and the co-activation
+collector."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Optional
 
 from megatron.training import get_args
 
-from megatron_emoe.routers import elastic_routers
 from megatron_emoe.coactivation import TrainingCollector
+from megatron_emoe.routers import set_training_step
 from megatron_emoe.runtime.step import forward_step
 
 
@@ -17,22 +18,12 @@ class TrainingForwardStep:
 
     def __init__(self, collector: Optional[TrainingCollector] = None):
         self.collector = collector
-        self._resumed: set[int] = set()  # model chunks whose draw counters are numbered on
 
     def __call__(self, data_iterator, model):
-        self._resume_budget_draws(model)
+        iteration = getattr(get_args(), "curr_iteration", None)
+        if model.training and iteration is not None:
+            # Megatron's iteration counter, restored on resume: budgets continue where they were.
+            set_training_step(model, iteration)
         if self.collector is not None:
-            self.collector.observe(model, getattr(get_args(), "curr_iteration", None))
+            self.collector.observe(model, iteration)
         return forward_step(data_iterator, model)
-
-    def _resume_budget_draws(self, model) -> None:
-        """Number M-MoE step/layer budget draws on from the micro-batches already trained, once per
-        model chunk: every router draws once per training micro-batch, so after a resume the counter
-        is `consumed_train_samples / (micro_batch_size * data_parallel_size)` (ramps included)."""
-        if id(model) in self._resumed or not model.training:
-            return
-        self._resumed.add(id(model))
-        args = get_args()
-        draws = args.consumed_train_samples // (args.micro_batch_size * args.data_parallel_size)
-        for router in elastic_routers(model):
-            router.budget_draws = draws
