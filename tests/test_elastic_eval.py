@@ -130,3 +130,28 @@ def test_existing_coactivation_files_are_refused_like_outputs(checkpoint, tmp_pa
                                   "--coactivation-dir", str(matrices)], capsys)
     assert "train.npz" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_ranks_take_one_gpu_each_over_nccl_on_a_cuda_node(checkpoint, monkeypatch):
+    """The backend choice, without a GPU: gloo on CPU, NCCL with GPU r for rank r on a CUDA
+    node, and a refusal where ranks would have to share GPUs (they all landed on GPU 0)."""
+    import torch
+
+    from megatron_emoe.errors import UsageError
+    from megatron_emoe.evaluation import checkpoint_eval
+    from megatron_emoe.runtime.launch import local_backend
+
+    assert local_backend(2, 0) == "gloo"
+    assert local_backend(2, 8) == "nccl"
+    with pytest.raises(UsageError, match=r"--nproc 4 needs one GPU per rank; this node has 2"):
+        local_backend(4, 2)
+
+    launched = {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(checkpoint_eval, "run_ranks",
+                        lambda body, **kwargs: launched.update(kwargs) or torch.save(None, kwargs["args"][-1]))
+    options = checkpoint_eval.EvalOptions(load=str(checkpoint[0]), nproc=2).validate()
+    checkpoint_eval.run_on_ranks(options, print)
+    assert launched["backend"] == "nccl" and launched["world_size"] == 2
+    with pytest.raises(UsageError, match=r"--nproc 4 needs one GPU per rank"):
+        checkpoint_eval.EvalOptions(load=str(checkpoint[0]), nproc=4).validate()

@@ -19,6 +19,8 @@ import os
 import sys
 from importlib.metadata import version
 
+import torch
+
 from megatron_emoe.budget import Budget
 from megatron_emoe.layers import decoder_moe_layers
 from megatron_emoe.errors import ArgumentParser, UsageError, exits_on_usage_error
@@ -30,7 +32,7 @@ from megatron_emoe.evaluation.lm_eval_adapter import (
 )
 from megatron_emoe.files import write_text_atomically
 from megatron_emoe.runtime.saved_args import checkpoint_args, checkpoint_config
-from megatron_emoe.runtime.launch import run_gloo
+from megatron_emoe.runtime.launch import local_backend, run_ranks
 
 PROG = "emoe-lm-eval"
 
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
     budgets, config, manager = check(args)
 
     runs: list[dict] = []
-    run_gloo(_evaluate_rank, world_size=1, args=(args, budgets, manager, runs), timeout=24 * 3600)
+    run_ranks(_evaluate_rank, world_size=1, backend=local_backend(1, torch.cuda.device_count()),
+              args=(args, budgets, manager, runs), timeout=24 * 3600)
     report = {
         "load": os.path.abspath(args.load), "tasks": args.tasks, "limit": args.limit,
         "num_fewshot": args.num_fewshot, "batch_size": args.batch_size, "seed": args.seed,

@@ -33,7 +33,7 @@ from megatron_emoe.runtime.evaluate import (
     expert_flops,
     layer_expert_flops,
 )
-from megatron_emoe.runtime.launch import run_gloo
+from megatron_emoe.runtime.launch import local_backend, run_ranks
 from megatron_emoe.runtime.model import build_model, load, megatron_globals
 
 # Megatron's token dispatchers, for --moe-token-dispatcher-type (the model's own by default).
@@ -76,6 +76,7 @@ class EvalOptions:
         ):
             if self.nproc % size:
                 raise UsageError(f"{flag} {size} must divide --nproc {self.nproc}")
+        local_backend(self.nproc, torch.cuda.device_count())  # one GPU per rank on a CUDA node
         for prefix in self.valid_data_path or ():
             for suffix in (".bin", ".idx"):
                 if not os.path.isfile(prefix + suffix):
@@ -117,7 +118,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """The flags every checkpoint-evaluation tool takes (Megatron's names where Megatron has one)."""
     group = parser.add_argument_group("checkpoint and validation data")
     group.add_argument("--load", required=True, help="Megatron checkpoint folder (any TP/EP layout)")
-    group.add_argument("--nproc", type=int, default=1, help="local gloo processes to evaluate on")
+    group.add_argument("--nproc", type=int, default=1,
+                       help="local processes to evaluate on (one GPU each over NCCL on a CUDA "
+                            "node, gloo on CPU)")
     group.add_argument("--tensor-model-parallel-size", type=int, default=1)
     group.add_argument("--expert-model-parallel-size", type=int, default=1)
     group.add_argument("--valid-data-path", nargs="+", default=None,
@@ -229,12 +232,15 @@ def _rank_body(rank: int, options: EvalOptions, top_p: bool, fn: Callable, fn_ar
 
 def run_on_ranks(options: EvalOptions, fn: Callable, *fn_args, top_p: bool = False,
                  timeout: float = 24 * 3600):
-    """Run `fn(evaluator, *fn_args)` on `options.nproc` local gloo ranks with the checkpoint
-    loaded; return rank 0's result. `fn` must be a top-level function (it is pickled)."""
+    """Run `fn(evaluator, *fn_args)` on `options.nproc` local ranks with the checkpoint loaded
+    (NCCL, one GPU each, on a CUDA node; gloo on CPU); return rank 0's result. `fn` must be a
+    top-level function (it is pickled)."""
+    backend = local_backend(options.nproc, torch.cuda.device_count())
     with tempfile.TemporaryDirectory(prefix="megatron-emoe-eval-") as scratch:
         result_path = os.path.join(scratch, "result.pt")
-        run_gloo(
-            _rank_body, world_size=options.nproc, tp=options.tensor_model_parallel_size,
+        run_ranks(
+            _rank_body, world_size=options.nproc, backend=backend,
+            tp=options.tensor_model_parallel_size,
             ep=options.expert_model_parallel_size,
             args=(options, top_p, fn, fn_args, result_path), timeout=timeout,
         )

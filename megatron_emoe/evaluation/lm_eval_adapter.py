@@ -40,7 +40,7 @@ from megatron_emoe import budget as budgets
 from megatron_emoe.budget import Budget, BudgetLike
 from megatron_emoe.errors import UsageError
 from megatron_emoe.runtime.saved_args import checkpoint_args
-from megatron_emoe.runtime.launch import megatron_session
+from megatron_emoe.runtime.launch import local_backend, megatron_session
 from megatron_emoe.runtime.model import loaded_model
 from megatron_emoe.routers import set_active_experts
 
@@ -62,7 +62,8 @@ def single_process_megatron():
         return
 
     with tempfile.TemporaryDirectory(prefix="megatron-emoe-lm-eval-") as store_dir:
-        with megatron_session(0, 1, store_dir, timeout=600):
+        backend = local_backend(1, torch.cuda.device_count())
+        with megatron_session(0, 1, store_dir, timeout=600, backend=backend):
             yield
 
 

@@ -3,7 +3,7 @@
 - `training_command(argv, nproc)` and `launch_environment()` are the one recipe (torchrun command
   and environment) by which the demo, the tests and the benchmarks start the training entry;
   `run_training_job` runs it with one progress line per logged step.
-- `run_gloo(fn, world_size=2, ep=2)` spawns `world_size` local processes (file-store rendezvous,
+- `run_ranks(fn, world_size, backend=...)` / `run_gloo(fn, world_size=2, ep=2)` spawn `world_size` local processes (file-store rendezvous,
   gloo on loopback) and in each initialises gloo, `megatron_emoe.cpu.enable()`, Megatron's parallel
   groups and seeds, then calls `fn(rank, *args, **kwargs)`; the evaluation and conversion apps, the
   benchmarks and the tests use it. A failure in any rank is raised in the caller with that rank's
@@ -31,6 +31,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
 from megatron_emoe import cpu
+from megatron_emoe.errors import UsageError
 
 SEED = 1234
 ENTRY_MODULE = "megatron_emoe.cli.pretrain"
@@ -86,7 +87,7 @@ def run_training_job(command: Sequence[str], log_path: str | os.PathLike, cwd=No
 
 @contextlib.contextmanager
 def megatron_session(
-    rank, world_size, store_dir, *, tp=1, ep=1, pp=1, timeout=120, backend="gloo"
+    rank, world_size, store_dir, *, tp=1, ep=1, pp=1, vpp=None, timeout=120, backend="gloo"
 ):
     """This process as rank `rank` of a local world (file store in `store_dir`) with Megatron's
     parallel groups and seeds set up; all torn down on exit. `backend="gloo"` (CPU or GPU, with
@@ -112,6 +113,7 @@ def megatron_session(
             tensor_model_parallel_size=tp,
             expert_model_parallel_size=ep,
             pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
         )
         torch.manual_seed(SEED)  # as megatron.training does before seeding the tracker
         tensor_parallel.model_parallel_cuda_manual_seed(SEED)
@@ -135,15 +137,37 @@ def _run(rank, world_size, store_dir, fn, args, kwargs, parallel, timeout):
         return fn(rank, *args, **kwargs)
 
 
-def run_gloo(fn, world_size=2, *, tp=1, ep=1, pp=1, args=(), kwargs=None, timeout=120):
-    """Run `fn(rank, *args, **kwargs)` on `world_size` gloo ranks; raise if any rank fails."""
-    parallel = {"tp": tp, "ep": ep, "pp": pp}
+def local_backend(world_size: int, cuda_devices: int, flag: str = "--nproc") -> str:
+    """The backend for `world_size` local ranks on a node with `cuda_devices` GPUs: NCCL with
+    GPU r for rank r, or gloo on the CPU without GPUs. Sharing GPUs is refused (ranks would pile
+    on GPU 0); `flag` names the rank count in that error."""
+    if cuda_devices == 0:
+        return "gloo"
+    if cuda_devices < world_size:
+        raise UsageError(
+            f"{flag} {world_size} needs one GPU per rank; this node has {cuda_devices}"
+        )
+    return "nccl"
+
+
+def run_ranks(fn, world_size=1, *, backend="gloo", tp=1, ep=1, pp=1, vpp=None, args=(),
+              kwargs=None, timeout=120):
+    """Run `fn(rank, *args, **kwargs)` on `world_size` local ranks over `backend` ("nccl": rank
+    r on GPU r; see `local_backend`), `vpp` virtual pipeline stages per rank; raise if any rank
+    fails."""
+    parallel = {"tp": tp, "ep": ep, "pp": pp, "vpp": vpp, "backend": backend}
     with tempfile.TemporaryDirectory(prefix="megatron-emoe-gloo-") as store_dir:
         run_args = (world_size, store_dir, fn, tuple(args), dict(kwargs or {}), parallel, timeout)
         if world_size == 1:
             _run(0, *run_args)
         else:
             spawn_ranks(_run, run_args, world_size, fn.__name__, timeout)
+
+
+def run_gloo(fn, world_size=2, *, tp=1, ep=1, pp=1, vpp=None, args=(), kwargs=None, timeout=120):
+    """`run_ranks` over gloo on the CPU (tests, benchmarks, the CPU shim)."""
+    run_ranks(fn, world_size, backend="gloo", tp=tp, ep=ep, pp=pp, vpp=vpp, args=args,
+              kwargs=kwargs, timeout=timeout)
 
 
 def spawn_ranks(body, run_args, world_size, name, timeout, start_method="spawn"):
