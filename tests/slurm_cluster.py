@@ -13,6 +13,7 @@ where they fail: CI must really run them.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -27,7 +28,8 @@ NODE = "localhost"
 PARTITION = "emoe"
 CPUS = 2
 # A requeued job may start again only after the job step credentials' lifetime (Slurm's default
-# 120 s + 1): short here, so that a requeue test does not wait two minutes.
+# 120 s + 1): short here, so that a requeue test does not wait two minutes (Slurm ignores values
+# below 5 and keeps 120).
 CRED_EXPIRE_S = 5
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
@@ -103,6 +105,9 @@ class SlurmCluster:
         self.conf.write_text(f"""\
 # megatron-emoe test cluster (tests/slurm_cluster.py)
 ClusterName=emoetest
+# GPUs are a known resource type, of which the node has none: the scripts' `--gpus-per-node=8`
+# is refused, `sbatch --gpus-per-node=0` overrides it.
+GresTypes=gpu
 SlurmctldHost={controller}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
@@ -242,6 +247,7 @@ def start_cluster(root: Path) -> SlurmCluster:
     """Install if needed and start a cluster in `root`; SlurmUnavailable on any failure."""
     install()
     cluster = SlurmCluster(root)
+    atexit.register(cluster.stop)  # also if the session ends without the fixture's teardown
     try:
         cluster.start()
     except BaseException as error:

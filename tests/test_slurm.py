@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import shlex
 import json
 import math
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megatron_emoe.runtime import launch
@@ -619,3 +620,266 @@ def test_requeue_decision(tmp_path, rc, saved, args, extra, requeued):
     assert proc.returncode == 0, proc.stderr
     assert (requeued in proc.stdout) if requeued else proc.stdout == "", proc.stdout
     assert ("not requeueing" in proc.stderr) == ("MAX_REQUEUES" in extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real jobs on a real one-node Slurm cluster (tests/slurm_cluster.py)
+# ---------------------------------------------------------------------------------------------
+TINY_YAML = "examples/configs/tiny.yaml"  # relative: the scripts take it from the repository
+# The scripts ask for 8 GPUs per node; the test node has 2 CPUs and no GPU.
+SBATCH_ARGS = ("--nodes=1", "--gpus-per-node=0")
+BUDGETS = ("1", "2", "3", "4")
+EMOE = ("--moe-router-mode", "emoe", "--emoe-k-ideal", "3")
+# tiny.yaml has no split, and Megatron's default (969,30,1) gives the small test corpus an empty
+# test split (index building never ends); the fine-tuning YAML has its own.
+SPLIT = ("--split", "98,2,0")
+# tiny.yaml has no save interval either (Megatron wants one with --save): save at the end only.
+PRETRAIN_TINY = (*SPLIT, "--save-interval", "1000")
+FINETUNE_ITERS = 24  # ~80 ms a step: room for two interruptions between logged steps
+# The shipped fine-tuning YAML (64 experts on 16 GPUs) at the tiny model's size, on 2 processes.
+SFT_TINY = ("--expert-model-parallel-size", "2", "--emoe-k-ideal", "3", "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--lr-warmup-iters", "0", "--save-interval", "1000",
+            "--train-iters", str(FINETUNE_ITERS), "--elastic-eval-budgets", *BUDGETS)
+TABLE_ROW = re.compile(r"^\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)(\s+<- trained k)?\s*$", re.M)
+
+
+def job_env(out: Path, data: dict, kind: str = "pretrain", **extra: str) -> dict[str, str]:
+    """What a user exports before sbatch: the venv on PATH, the data, the outputs, 2 processes on
+    the (GPU-less) node; plus the project's local launch environment (gloo on loopback, one OpenMP
+    thread per rank, no torch.compile)."""
+    env = launch.launch_environment()
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", REPO_DIR=str(ROOT),
+               GPUS_PER_NODE="2", CONFIG=TINY_YAML, DATA_PREFIX=data[f"{kind}_train"],
+               TOKENIZER=data["tokenizer_model"], OUTPUT_DIR=str(out))
+    env.update(extra)
+    return env
+
+
+def job_log(info: dict[str, str]) -> str:
+    path = Path(info["StdOut"])
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def steps(log: str) -> list[tuple[int, str]]:
+    """(iteration, logged LM loss) of every training step the log shows, in order."""
+    return [(int(m[1]), m[3]) for m in launch.ITERATION.finditer(log)]
+
+
+def logged_command(log: str, what: str) -> list[str]:
+    """The script's `launcher: ...` or `training: ...` line, split back into its words."""
+    return shlex.split(re.search(rf"\] {what}: (.*)$", log, re.M)[1])
+
+
+def finished_ok(info: dict[str, str], restarts: int = 0) -> None:
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", str(restarts)), (
+        info, job_log(info)[-4000:])
+
+
+def wait_for_log(cluster, job: int, pattern: str, start: int = 0, timeout: float = 240) -> re.Match:
+    """Wait until the job's output, from character `start` on, matches `pattern` (a line)."""
+    regex = re.compile(pattern, re.M)
+    deadline = time.monotonic() + timeout
+    info = cluster.job(job)
+    checked = time.monotonic()
+    while True:
+        match = regex.search(job_log(info), start)
+        if match:
+            return match
+        if time.monotonic() - checked > 1:
+            info, checked = cluster.job(job), time.monotonic()
+            assert info["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), (
+                f"job {job} ended ({info['JobState']}) before {pattern!r}", job_log(info)[-4000:])
+        assert time.monotonic() < deadline, (f"no {pattern!r} after {timeout}s", job_log(info)[-4000:])
+        time.sleep(0.05)
+
+
+def elastic_table(log: str) -> dict[int, tuple[float, bool]]:
+    """The elastic evaluation's console table: k' -> (validation loss, is the trained k)."""
+    table = log[log.rindex("validation loss by number of active experts"):]
+    return {int(m[1]): (float(m[2]), bool(m[4])) for m in TABLE_ROW.finditer(table)}
+
+
+def check_elastic_eval(log: str, save: Path, iteration: int) -> dict:
+    """The table on the console and elastic_eval.json in --save agree, cover every budget, and at
+    the trained k reproduce the training loop's last validation loss."""
+    result = json.loads((save / "elastic_eval.json").read_text())
+    assert (result["iteration"], result["router_mode"], result["train_topk"]) == (iteration, "emoe", 2)
+    assert sorted(result["val_loss"]) == list(BUDGETS)
+    table = elastic_table(log)
+    assert sorted(table) == [1, 2, 3, 4] and [k for k, (_, trained) in table.items() if trained] == [2]
+    for k, (loss, _) in table.items():
+        assert loss == pytest.approx(result["val_loss"][str(k)], abs=5e-5)
+    final = re.findall(rf"validation loss at iteration {iteration} on validation set \| lm loss value: ([0-9.E+-]+)", log)
+    assert final and result["val_loss"]["2"] == pytest.approx(float(final[-1]), rel=1e-6)
+    return result
+
+
+@pytest.mark.slow
+def test_bad_use_is_refused_by_the_job_before_anything_starts(slurm_cluster, tmp_path):
+    """Real jobs that must not start training: each fails at once with exit status 2 and one line
+    (its whole output), and creates nothing."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    (pretrained / "latest_checkpointed_iteration.txt").write_text("2\n")
+    data = {"pretrain_train": "/nonexistent/corpus", "sft_train": "/nonexistent/sft", "tokenizer_model": "/t"}
+    cases = {
+        "missing-config": (PRETRAIN, dict(CONFIG="examples/configs/nope.yaml"), (),
+                           "CONFIG=examples/configs/nope.yaml: no such file"),
+        # the shipped fine-tuning YAML's EP 16 on 1 node x 2 processes
+        "nodes-vs-ep": (FINETUNE, dict(PRETRAINED=str(pretrained)), (),
+                        "NNODES=1 x GPUS_PER_NODE=2 = 2 processes is not a multiple of "
+                        "--expert-tensor-parallel-size 1 x --expert-model-parallel-size 16"),
+        "tasks": (PRETRAIN, {}, ("--ntasks-per-node=2",),
+                  "--ntasks-per-node=2 does not fit LAUNCHER=torchrun: submit with --ntasks-per-node=1"),
+        "unwritable-save": (PRETRAIN, dict(CKPT=str(a_file / "ckpt")), (),
+                            f"--save {a_file / 'ckpt'}: not writable ({a_file} is not a folder)"),
+    }
+    jobs = {}
+    for name, (script, extra, sbatch_extra, _) in cases.items():
+        (tmp_path / name).mkdir()
+        env = job_env(tmp_path / name / "out", data, "sft" if script == FINETUNE else "pretrain",
+                      CHECK_PATHS="0", **extra)
+        jobs[name] = slurm_cluster.sbatch(script, sbatch_args=(*SBATCH_ARGS, *sbatch_extra), env=env,
+                                          cwd=tmp_path / name)
+    for name, job in jobs.items():
+        info = slurm_cluster.wait(job, timeout=120)
+        log = job_log(info)
+        assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), (name, info, log)
+        assert log.startswith(f"ERROR: {cases[name][3]}") and log.count("\n") == 1, (name, log)
+        assert not (tmp_path / name / "out").exists(), name
+
+
+@pytest.mark.slow
+def test_pretrain_job_trains_emoe(slurm_cluster, small_data, tmp_path):
+    """`sbatch slurm/pretrain_emoe.sbatch` from the repository, CONFIG=tiny.yaml with EMoE routing:
+    the rendezvous from Slurm (scontrol), the exit duration from the time limit (squeue), 4 steps,
+    a checkpoint, and the elastic evaluation table."""
+    out = tmp_path / "run"
+    env = job_env(out, small_data)
+    del env["REPO_DIR"]  # found from the submission folder
+    job = slurm_cluster.sbatch(PRETRAIN, *EMOE, *PRETRAIN_TINY, "--train-iters", "4", "--elastic-eval-budgets", *BUDGETS,
+                               sbatch_args=(*SBATCH_ARGS, f"--output={tmp_path}/%x-%j.out"), env=env, cwd=ROOT)
+    info = slurm_cluster.wait(job)
+    log = job_log(info)
+    finished_ok(info)
+    assert info["StdOut"] == f"{tmp_path}/emoe-pretrain-{job}.out"
+    port = 20000 + job % 20000
+    assert f"job {job} (restart 0) on 1 node(s) x 2 GPU(s), master localhost:{port}" in log
+    assert "start from scratch" in log
+
+    launcher = logged_command(log, "launcher")
+    assert launcher[:6] == ["srun", "--nodes=1", "--kill-on-bad-exit=1", "--ntasks=1", "--ntasks-per-node=1",
+                            "--cpus-per-task=2"]
+    assert flag_values(launcher, "--nproc-per-node") == [["2"]]
+    assert flag_values(launcher, "--rdzv-endpoint") == [[f"localhost:{port}"]]
+    argv = logged_command(log, "training")
+    assert argv[:3] == [ENTRY_MODULE, "--config", str(ROOT / TINY_YAML)]
+    ckpt = out / "checkpoints"
+    assert flag_values(argv, "--save") == [[str(ckpt)]] and flag_values(argv, "--load") == [[str(ckpt)]]
+    # 12 h (the script's --time) less the 10 min margin, read from squeue at the start
+    (minutes,), = flag_values(argv, "--exit-duration-in-mins")
+    assert 700 <= int(minutes) <= 710
+
+    logged = steps(log)
+    assert [step for step, _ in logged] == [1, 2, 3, 4] and all(math.isfinite(float(v)) for _, v in logged)
+    assert "training step exited with status 0" in log and "requeueing" not in log
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert (ckpt / "iter_0000004" / "metadata.json").is_file()
+    assert check_elastic_eval(log, ckpt, 4)["num_experts"] == 4
+    assert scalars(out / "tensorboard", "lm loss").keys() == {1, 2, 3, 4}
+
+
+def finetune(cluster, data: dict, pretrained: Path, root: Path) -> int:
+    """Submit the EP = 2 EMoE fine-tuning of `pretrained` into root/run (log in root)."""
+    env = job_env(root / "run", data, "sft", PRETRAINED=str(pretrained))
+    return cluster.sbatch(FINETUNE, *SFT_TINY, sbatch_args=SBATCH_ARGS, env=env, cwd=root)
+
+
+@pytest.fixture(scope="module")
+def topk_checkpoint(slurm_cluster, small_data, tmp_path_factory) -> Path:
+    """A Top-k pretraining checkpoint (2 steps), made by the pretraining script."""
+    root = tmp_path_factory.mktemp("slurm_topk")
+    job = slurm_cluster.sbatch(PRETRAIN, "--moe-router-mode", "topk", *PRETRAIN_TINY, "--train-iters", "2",
+                               sbatch_args=SBATCH_ARGS, env=job_env(root / "run", small_data), cwd=root)
+    info = slurm_cluster.wait(job)
+    finished_ok(info)
+    ckpt = root / "run" / "checkpoints"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def finetune_reference(slurm_cluster, small_data, topk_checkpoint, tmp_path_factory):
+    """The fine-tuning job run uninterrupted: (job fields, log, output folder)."""
+    root = tmp_path_factory.mktemp("slurm_sft")
+    info = slurm_cluster.wait(finetune(slurm_cluster, small_data, topk_checkpoint, root))
+    return info, job_log(info), root / "run"
+
+
+@pytest.mark.slow
+def test_finetune_job_ep2_from_topk(finetune_reference, topk_checkpoint):
+    """`sbatch slurm/finetune_emoe_ep.sbatch`: EMoE fine-tuning at EP = 2 from the Top-k checkpoint,
+    the model from tiny.yaml, the recipe from the shipped fine-tuning YAML."""
+    info, log, out = finetune_reference
+    finished_ok(info)
+    assert f"start fine-tuning from {topk_checkpoint} (weights only)" in log
+    argv = logged_command(log, "training")
+    assert flag_values(argv, "--config") == [[str(ROOT / TINY_YAML)], [str(SFT_YAML)]]
+    assert "--finetune" in argv and flag_values(argv, "--load") == [[str(topk_checkpoint)]]
+    assert flag_values(argv, "--expert-model-parallel-size")[-1] == ["2"]
+    assert re.search(rf"loading distributed checkpoint from {re.escape(str(topk_checkpoint))} ", log), log[-3000:]
+    assert [step for step, _ in steps(log)] == list(range(1, FINETUNE_ITERS + 1))
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(FINETUNE_ITERS)
+    check_elastic_eval(log, ckpt, FINETUNE_ITERS)
+
+
+@pytest.mark.slow
+def test_finetune_requeued_twice_resumes_bitwise(slurm_cluster, small_data, topk_checkpoint, finetune_reference,
+                                                  tmp_path):
+    """Preemption and requeue, for real: the fine-tuning job is interrupted
+    1. by the signal the script asks Slurm for before the time limit (`--signal=B:USR1@300`),
+       delivered now with `scancel --batch --signal=USR1`: the batch script has the training step
+       save and exit, then requeues the job itself;
+    2. by `scontrol requeue`: Slurm sends SIGTERM to the job, the step saves, Slurm requeues.
+    Each time the job resumes from the saved iteration, and in the end it has logged every step
+    once, with the uninterrupted run's losses bit for bit, and evaluates the same final weights."""
+    job = finetune(slurm_cluster, small_data, topk_checkpoint, tmp_path)
+    wait_for_log(slurm_cluster, job, r"iteration\s+1/")
+    assert slurm_cluster.run(["scancel", "--batch", "--signal=USR1", str(job)]).returncode == 0
+    resumed = wait_for_log(slurm_cluster, job, r"resume fine-tuning from \S+ \(iteration (\d+)\)")
+    wait_for_log(slurm_cluster, job, rf"iteration\s+{int(resumed[1]) + 1}/", start=resumed.end())
+    assert slurm_cluster.scontrol("requeue", str(job)).returncode == 0
+    info = slurm_cluster.wait(job)
+    log = job_log(info)
+    finished_ok(info, restarts=2)
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert log.count("start fine-tuning from") == 1
+    saved = [int(i) for i in re.findall(rf"resume fine-tuning from {re.escape(str(ckpt))} \(iteration (\d+)\)", log)]
+    assert len(saved) == 2 and 1 <= saved[0] < saved[1] < FINETUNE_ITERS, saved
+    assert "got SIGUSR1" in log and f"requeueing job {job}: time limit or preemption signal (USR1)" in log
+    assert "got SIGTERM" in log and f"JOB {job} ON localhost CANCELLED" in log and "DUE TO JOB REQUEUE" in log
+    assert "--finetune" not in logged_command(log[log.index("resume fine-tuning"):], "training")
+
+    reference_info, reference_log, reference_out = finetune_reference
+    finished_ok(reference_info)
+    # Every step's losses as logged to TensorBoard (float32, one value per step): bit for bit.
+    losses = scalars(tmp_path / "run" / "tensorboard", "lm loss")
+    assert losses == scalars(reference_out / "tensorboard", "lm loss")
+    assert scalars(tmp_path / "run" / "tensorboard", "grad-norm") == scalars(reference_out / "tensorboard", "grad-norm")
+    # The console: every step once, in order, with the same losses, except that Megatron (0.19,
+    # training_log: should_reset = not is_first_iteration) prints at the second step of every
+    # start the mean of its first two steps.
+    logged, expected = steps(log), steps(reference_log)
+    assert [step for step, _ in logged] == [step for step, _ in expected] == list(range(1, FINETUNE_ITERS + 1))
+    for (step, loss), (_, reference) in zip(logged, expected):
+        if step - 2 in saved:
+            assert loss == f"{float(np.float32(losses[step - 1]) + np.float32(losses[step])) / 2:.6E}", step
+        else:
+            assert loss == reference, step
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(FINETUNE_ITERS)
+    assert check_elastic_eval(log, ckpt, FINETUNE_ITERS) == json.loads(
+        (reference_out / "checkpoints" / "elastic_eval.json").read_text())
