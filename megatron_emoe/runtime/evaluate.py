@@ -12,12 +12,15 @@ import dataclasses
 import math
 from typing import Callable, Iterator, Optional, Sequence
 
+import torch
+from megatron.core import parallel_state
 from megatron.core.utils import get_model_config
 from megatron.training.training import evaluate
 
 from megatron_emoe import budget as budgets
 from megatron_emoe import coactivation
 from megatron_emoe.budget import Budget, BudgetLike
+from megatron_emoe.cpu import device
 from megatron_emoe.layers import decoder_moe_layers
 from megatron_emoe.routers import active_experts
 from megatron_emoe.runtime.step import forward_step as default_forward_step
@@ -57,6 +60,18 @@ def expert_flops(config, experts_per_layer: Sequence[float]) -> float:
     return float(sum(k * c for k, c in zip(experts_per_layer, costs)))
 
 
+def _last_stage_loss(loss_dict: dict) -> float:
+    """The LM loss Megatron's `evaluate` returns on the last pipeline stage, on every stage."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return float(loss_dict["lm loss"])
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    loss = torch.tensor([float(loss_dict["lm loss"]) if last else 0.0], dtype=torch.float64,
+                        device=device())
+    torch.distributed.broadcast(loss, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    return float(loss)
+
+
 def evaluate_at_budget(
     model: list,
     budget: BudgetLike,
@@ -65,13 +80,15 @@ def evaluate_at_budget(
     coactivation_dir: Optional[str] = None,
 ) -> BudgetResult:
     """Megatron's `evaluate` over the batches of `make_iterator()` with `budget` set on every
-    elastic router (restored after); optionally saves that budget's co-activation matrices."""
+    elastic router (restored after); optionally saves that budget's co-activation matrices.
+    With virtual pipeline stages every model chunk reads its own iterator, as in training."""
     budget = Budget.of(budget)
     config = get_model_config(model[0])
     with active_experts(model, budget), coactivation.CoactivationRecorder(
         model, phase="eval", entropy=coactivation_dir is not None
     ) as recorder:
-        loss_dict, _, _ = evaluate(forward_step, make_iterator(), model, None, config)
+        batches = make_iterator() if len(model) == 1 else [make_iterator() for _ in model]
+        loss_dict, _, _ = evaluate(forward_step, batches, model, None, config)
     stats = recorder.reduce()
     if coactivation_dir is not None:  # no budget (None) is the training top-k
         named = budget or Budget(config.moe_router_topk)
@@ -82,7 +99,7 @@ def evaluate_at_budget(
     per_layer = [
         float(stats.counts[n].diagonal().sum()) / max(stats.tokens[n], 1) for n in decoder
     ]
-    loss = float(loss_dict["lm loss"])
+    loss = _last_stage_loss(loss_dict)
     return BudgetResult(
         label=budgets.label(budget),
         budget=budgets.to_json(budget),
