@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from megatron_emoe.errors import UsageError
+from megatron_emoe.draws import RESAMPLE_EVERY
 from megatron_emoe.routing import budget_weights
 from megatron_emoe.budget import (
     Budget,
@@ -24,7 +25,7 @@ from megatron_emoe.budget import (
 
 MODES = ("topk", "emoe", "mmoe")
 MMOE_SAMPLE_LEVELS = ("model", "layer", "token")
-MMOE_RESAMPLE_EVERY = ("global-batch", "micro-batch")
+MMOE_RESAMPLE_EVERY = RESAMPLE_EVERY
 MMOE_K_WEIGHTINGS = ("uniform", "capacity")
 # The M-MoE paper's temperature for capacity-aware sampling.
 DEFAULT_CAPACITY_TEMPERATURE = 2.0

@@ -23,24 +23,19 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron_emoe import router_metrics, routing
 from megatron_emoe.budget import Budget, BudgetLike, TopP
 from megatron_emoe.config import ElasticMoEConfig
+from megatron_emoe.draws import TrainingDraws
 from megatron_emoe.layers import layer_slot
 from megatron_emoe.router_metrics import HR_LOSS as HR_LOSS_NAME
-
-
-# Draw keys remembered without `begin_step` (a model driven outside the training entry).
-_MAX_REMEMBERED_KEYS = 4096
 
 
 class ElasticRouter(TopKRouter):
     """Routes with Top-k (+ L_HR), EMoE or M-MoE in training and with top-k' under a set budget
     in eval.
 
-    Plugs in through `MoESubmodules.router` (see `with_elastic_router`). Every training draw
-    starts from a key taken from torch's default CPU generator, which activation checkpointing
-    saves and restores, so a recompute routes exactly as its forward did under any schedule
-    (see `_draw_key`). EMoE samples and per-token budgets mix the key with the rank's data
-    position (independent across DP/EP/CP/SP ranks); model- and layer-level M-MoE budgets are a
-    pure function of (seed, layer, step, micro-batch), the same on every rank.
+    Plugs in through `MoESubmodules.router` (see `with_elastic_router`). Its training draws
+    (`megatron_emoe.draws`) replay under activation recompute with any schedule, are
+    independent across DP/EP/CP/SP ranks, and give model/layer M-MoE budgets that every rank
+    agrees on.
     """
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, elastic=None):
@@ -59,12 +54,7 @@ class ElasticRouter(TopKRouter):
         self.budget: Optional[Budget] = elastic.inference_budget
         # Experts per token the dispatcher must expect for the current forward (max if per-token).
         self.dispatch_topk: int = self.train_topk
-        # Training draws: the optimizer step (`begin_step`), the micro-batches first seen in
-        # it, and each draw key's micro-batch, for recomputes that run after later forwards.
-        self.training_step: Optional[int] = None
-        self._microbatches_seen = 0
-        self._microbatch_of_key: dict[int, int] = {}
-        self._generator: Optional[torch.Generator] = None
+        self.draws = TrainingDraws(elastic.mmoe_seed, elastic.mmoe_resample_every)
         self._data_rank: Optional[int] = None
         # Mean router entropy of the current training forward, when routing computed it.
         self._entropy: Optional[torch.Tensor] = None
@@ -93,56 +83,21 @@ class ElasticRouter(TopKRouter):
     # Training draws
     # ---------------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
-        """Enter optimizer step `step` (called before each micro-batch; a no-op within a step).
-        Without it every training forward counts as a step of its own."""
-        if step != self.training_step:
-            self.training_step = step
-            self._microbatches_seen = 0
-            self._microbatch_of_key.clear()
-
-    def _draw_key(self) -> tuple[int, int]:
-        """(key, micro-batch index) of this training forward.
-
-        The key is drawn from torch's default CPU generator, whose state Megatron's, TE's and
-        torch's activation checkpointing save with the forward and restore for its recompute:
-        a recompute gets its forward's key back, however many forwards ran in between (1F1B
-        warm-up, interleaved stages). The micro-batch index is the order of first sight within
-        the step, remembered under the key for the recompute."""
-        key = int(torch.randint(2**62, (1,)))
-        microbatch = self._microbatch_of_key.get(key)
-        if microbatch is None:
-            microbatch = self._microbatch_of_key[key] = self._microbatches_seen
-            self._microbatches_seen += 1
-            if len(self._microbatch_of_key) > _MAX_REMEMBERED_KEYS:
-                del self._microbatch_of_key[next(iter(self._microbatch_of_key))]
-        return key, microbatch
-
-    def _rank_generator(self, key: int, device) -> torch.Generator:
-        """A generator on `device` seeded by the draw key and this rank's data position: ranks
-        holding different tokens draw independently; TP ranks holding the same tokens (no
-        sequence parallelism) share TP rank 0's position."""
-        if self._data_rank is None:
-            self._data_rank = self._data_position()
-        if self._generator is None or self._generator.device != torch.device(device):
-            self._generator = torch.Generator(device=device)
-        return self._generator.manual_seed(routing.mix_seed(key, self._data_rank))
+        """Enter optimizer step `step` (see `TrainingDraws.begin_step`)."""
+        self.draws.begin_step(step)
 
     def _data_position(self) -> int:
-        if not torch.distributed.is_initialized():
-            return 0
-        group = self.tp_group
-        if group is None or group.size() == 1 or self.config.sequence_parallel:
-            return torch.distributed.get_rank()
-        return torch.distributed.get_global_rank(group, 0)
-
-    def _budget_counter(self, microbatch: int) -> int:
-        """Which draw of the seed's stream a model/layer budget is: per optimizer step with
-        `--mmoe-resample-every global-batch`, else per (step, micro-batch)."""
-        if self.training_step is None:
-            return microbatch
-        if self.elastic.mmoe_resample_every == "global-batch":
-            return self.training_step
-        return routing.mix_seed(self.training_step, microbatch)
+        """The global rank of the first rank holding this rank's tokens: TP ranks share tokens
+        unless sequence parallel; DP, EP and CP ranks never do."""
+        if self._data_rank is None:
+            group = self.tp_group
+            if not torch.distributed.is_initialized():
+                self._data_rank = 0
+            elif group is None or group.size() == 1 or self.config.sequence_parallel:
+                self._data_rank = torch.distributed.get_rank()
+            else:
+                self._data_rank = torch.distributed.get_global_rank(group, 0)
+        return self._data_rank
 
     def _plan(
         self, num_tokens: int, device, eval_topk: Optional[int]
@@ -151,8 +106,8 @@ class ElasticRouter(TopKRouter):
         (k_max, [tokens] budgets, generator); the generator serves EMoE sampling (None in eval)."""
         if not self.training:
             return (eval_topk or self.train_topk), None, None
-        key, microbatch = self._draw_key()
-        generator = self._rank_generator(key, device)
+        key, microbatch = self.draws.next_key()
+        generator = self.draws.generator(key, self._data_position(), device)
         if self.elastic.mode != "mmoe":
             return self.train_topk, None, generator
         if self.elastic.mmoe_sample_level == "token":
@@ -163,8 +118,7 @@ class ElasticRouter(TopKRouter):
         stream = 0 if self.elastic.mmoe_sample_level == "model" else layer_slot(
             self.config, self.layer_number or 0, self.is_mtp_layer
         )
-        k = routing.budget_draw(self.mmoe_budgets, self.elastic.mmoe_seed, stream,
-                                self._budget_counter(microbatch), self.mmoe_weights)
+        k = self.draws.budget(self.mmoe_budgets, self.mmoe_weights, stream, microbatch)
         return k, None, generator
 
     # ---------------------------------------------------------------------------------------

@@ -424,7 +424,7 @@ def _te_gpt_model(rank, mode):
             assert recorder.rows[-1] == GPT_SEQ * GPT_BATCH * moe.router.dispatch_topk
         optimizer.step()
     if mode == "mmoe":  # one micro-batch per step, each seen once
-        assert all(router.training_step == 1 and router._microbatches_seen == 1
+        assert all(router.draws.step == 1 and router.draws.microbatches_seen == 1
                    for router in elastic_routers(model))
 
     model.eval()
