@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import signal
 import socket
@@ -101,10 +102,14 @@ class SlurmCluster:
             (self.root / sub).chmod(0o700)
         controller = socket.gethostname().split(".")[0]
         ctld_port, slurmd_port = _free_ports(2)
+        # The scripts' rendezvous port is 20000 + job id: job ids from a random start keep two
+        # test clusters on one machine (two sessions) apart.
+        first_job_id = random.randrange(1000, 19000)
         r = self.root
         self.conf.write_text(f"""\
 # megatron-emoe test cluster (tests/slurm_cluster.py)
 ClusterName=emoetest
+FirstJobId={first_job_id}
 # GPUs are a known resource type, of which the node has none: the scripts' `--gpus-per-node=8`
 # is refused, `sbatch --gpus-per-node=0` overrides it.
 GresTypes=gpu
