@@ -23,7 +23,7 @@ same number for all of them (eval-mode routing is top-k in every mode). In (b) e
 the same base checkpoint.
 
 Modes: `topk`; `emoe` with k_ideal = 2k (`--emoe-k-ideal`) and L_HR (`--emoe-hr-loss-coeff`,
-5e-4); `mmoe` with k drawn from 1 ... 2k per layer and step (`--mmoe-k-min/-max/-sample-level`).
+5e-4); `mmoe` with k drawn from 1 ... 2k per layer and micro-batch (`--mmoe-k-min/-max/-sample-level`).
 Learning rates: cosine from the peak (`--pretrain-lr`, `--finetune-lr`) to a tenth, warm-up a
 tenth of the steps; weight decay 0.1, gradient clipping 1.0, aux loss 0.01, no dropout.
 
@@ -79,6 +79,7 @@ import yaml
 
 from benchmarks import common  # noqa: E402
 
+from megatron_emoe.config import MMOE_SAMPLE_LEVELS  # noqa: E402
 from megatron_emoe.files import write_bytes_atomically, write_text_atomically  # noqa: E402
 from megatron_emoe.runtime import launch  # noqa: E402
 
@@ -207,8 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="EMoE hierarchical router loss weight (default: %(default)s)")
     m.add_argument("--mmoe-k-min", type=int, default=1, help="M-MoE smallest k (default: 1)")
     m.add_argument("--mmoe-k-max", type=int, default=None, help="M-MoE largest k (default 2k)")
-    m.add_argument("--mmoe-sample-level", choices=("step", "layer", "token"), default="layer",
-                   help="M-MoE draws one k per step, per layer or per token (default: layer)")
+    m.add_argument("--mmoe-sample-level", choices=MMOE_SAMPLE_LEVELS, default="layer",
+                   help="M-MoE: one k for the whole model, per layer or per token (default: layer)")
     d = p.add_argument_group("data (default: the embedded default data, built once and cached)")
     d.add_argument("--data-dir", type=Path, default=None,
                    help="folder of the embedded default data (default: data/default or "

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 
 from tests.conftest import data_flags
 from tests.test_training import check_training_metrics
-from tests.training_runs import TINY_MODEL, run_training, scalars, tags
+from tests.training_runs import (
+    REPO, TINY_MODEL, console_script, environment, run_training, scalars, tags,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +54,15 @@ def test_pipeline_parallel_training(tmp_path, small_data, name):
         assert layers == {"layer_01", "layer_02", "layer_03", "layer_04"}
         sweep = json.loads((tmp_path / "ckpt" / "elastic_eval.json").read_text())
         assert sorted(sweep["val_loss"]) == ["1", "3"] and sweep["iteration"] == 3
+        # The pipelined checkpoint (2 stages x 2 virtual stages) loads in one process, no
+        # pipeline: the same validation batches give the sweep's losses.
+        proc = subprocess.run([console_script("emoe-elastic-eval"), "--load", str(tmp_path / "ckpt"),
+                               "--output", str(tmp_path / "eval"), "--budgets", "1", "3"],
+                              cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = json.loads((tmp_path / "eval" / "elastic_eval.json").read_text())["results"]
+        resharded = {r["label"]: r["val_loss"] for r in results}
+        assert resharded == pytest.approx(sweep["val_loss"], rel=1e-5)
 
 
 def test_pipeline_and_expert_parallel_mmoe_resumes_bitwise(tmp_path, small_data):

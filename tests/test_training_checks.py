@@ -185,6 +185,14 @@ def test_budget_outside_the_experts(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_router_graphs_and_retired_mmoe_level_are_refused(data):
+    out = _refused(_flags(data, "--moe-router-mode", "emoe", "--cuda-graph-impl", "local"))
+    assert "--cuda-graph-impl local would capture the router" in out
+    out = _refused(_flags(data, "--moe-router-mode", "mmoe", "--mmoe-sample-level", "step"))
+    assert "--mmoe-sample-level model" in out and "--mmoe-resample-every" in out
+
+
+@pytest.mark.slow
 def test_megatron_refusals_are_one_line_too(data, tmp_path):
     # Megatron's validate_args refuses with a bare assertion; it reaches the user as one line.
     out = _refused(_flags(data, "--save", str(tmp_path / "c")))  # no --save-interval
