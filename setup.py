@@ -20,6 +20,7 @@ setup(
             "emoe-build-default-data = megatron_emoe.cli.build_default_data:main",
             "emoe-preprocess-data = megatron_emoe.cli.preprocess_data:main",
             "emoe-convert-checkpoint = megatron_emoe.cli.convert_checkpoint:main",
+            "emoe-finetune-hf = megatron_emoe.cli.finetune_hf:main",
             "emoe-elastic-eval = megatron_emoe.cli.elastic_eval:main",
             "emoe-search-budget-allocation = megatron_emoe.cli.search_budget_allocation:main",
             "emoe-lm-eval = megatron_emoe.cli.lm_eval_emoe:main",
@@ -47,6 +48,9 @@ setup(
         # Downstream tasks through EleutherAI's lm-eval (megatron_emoe.evaluation.lm_eval_adapter,
         # tools/lm_eval_emoe.py); the core package imports without it.
         "eval": ["lm_eval==0.4.13"],
-        "dev": ["pytest>=8", "pytest-timeout", "lm_eval==0.4.13"],
+        # Hugging Face fine-tuning through DeepSpeed (megatron_emoe.hf_finetune, DeepSpeed-MoE in
+        # megatron_emoe.hf); install with DS_BUILD_OPS=0 on CPU machines (the Makefile does).
+        "deepspeed": ["deepspeed==0.19.8"],
+        "dev": ["pytest>=8", "pytest-timeout", "lm_eval==0.4.13", "deepspeed==0.19.8"],
     },
 )

@@ -33,6 +33,7 @@ class GateState:
     layer_number: int  # 1-based decoder layer
     shared: ModelRouting
     eval_budget: Union[None, int, TopP] = None
+    budgets: Optional[torch.Tensor] = None  # [tokens] per-token budgets of the last forward
 
 
 class ElasticGateForward:
@@ -50,7 +51,7 @@ class ElasticGateForward:
         else:
             logits = F.linear(hidden_states, self.weight)
         bias = getattr(self, "e_score_correction_bias", None) if selection.style.expert_bias else None
-        gates, chosen = selection.select(
+        gates, chosen, state.budgets = selection.select(
             logits, bias, self.training, state.eval_budget, data_rank()
         )
         if self.training and torch.is_grad_enabled() and selection.elastic.hr_loss_coeff:

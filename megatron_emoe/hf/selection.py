@@ -40,8 +40,9 @@ class ElasticSelection:
         training: bool,
         eval_budget: Union[None, int, TopP],
         data_rank: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gates and experts `[tokens, k]` for `logits` `[tokens, experts]`."""
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Gates and experts `[tokens, k]` for `logits` `[tokens, experts]`, and the `[tokens]`
+        budgets when tokens take different numbers of experts (None when all take k)."""
         with torch.no_grad():
             scores = self.ranking_scores(logits, expert_bias)
             budgets = None
@@ -55,7 +56,7 @@ class ElasticSelection:
                 chosen = routing.topk_indices(scores, self.style.topk)
             else:
                 chosen, budgets = self._training_choice(scores, data_rank)
-        return self.gates(logits, chosen, budgets), chosen
+        return self.gates(logits, chosen, budgets), chosen, budgets
 
     def ranking_scores(self, logits: torch.Tensor, expert_bias: Optional[torch.Tensor]) -> torch.Tensor:
         """`[tokens, experts]` scores that rank experts (-inf outside a token's groups)."""
