@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import functools
+import queue
 import types
 
 import torch
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from megatron_emoe import cpu
 
@@ -85,6 +87,15 @@ def _keeping_rng_state(build):
             torch.set_rng_state(state)
 
     return run
+
+
+def keep_save_results_in_process() -> None:
+    """Synchronous `torch_dist` saves on CPU collect their writer threads' results in a plain
+    in-process queue. Megatron's default is a multiprocessing Manager queue, there for
+    `--async-save`'s writer process; its server is spawned, re-imports the entry, and costs each
+    rank about 4 s at its first save. Call it only without `--async-save`."""
+    if on_cpu() and filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def enable() -> None:

@@ -67,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, elastic = parse_and_check(sys.argv[1:] if argv is None else argv)
     wheel.apply()
     cpu_loop.enable()
+    if not args.async_save:
+        cpu_loop.keep_save_results_in_process()
     save_checkpoint = saving.staged(checkpointing.save_checkpoint)
     collector = None
     if args.coactivation_dir:
