@@ -155,22 +155,31 @@ def _agreement(rank, sequence_parallel, expected):
         both = [torch.empty_like(mine) for _ in range(2)]
         torch.distributed.all_gather(both, mine)
         agree = (both[0] == both[1]).all(-1).float().mean().item()
+        where = f"{name}, sequence parallel {sequence_parallel}"
         if expected == "same":
-            assert agree == 1.0, f"{name}: ranks with the same tokens drew differently ({agree})"
+            assert agree == 1.0, f"{where}: ranks with the same tokens drew differently ({agree})"
         else:
             p, tokens = chance[name], mine.shape[0]
             error = SIGMAS * math.sqrt(p * (1 - p) / tokens)
-            assert abs(agree - p) < error, f"{name}: agreement {agree:.4f}, independent {p:.4f}"
+            assert abs(agree - p) < error, f"{where}: agreement {agree:.4f}, independent {p:.4f}"
 
 
-@pytest.mark.parametrize(
-    "parallel, sequence_parallel, expected",
-    [(dict(ep=2), None, "independent"), (dict(ep=1), None, "independent"),
-     (dict(tp=2), True, "independent"), (dict(tp=2), False, "same")],
-    ids=["ep2", "dp2", "tp2-sp", "tp2"],
-)
-def test_draws_agree_only_where_ranks_hold_the_same_tokens(parallel, sequence_parallel, expected):
-    run_distributed_test(_agreement, world_size=2, args=(sequence_parallel, expected), **parallel)
+def _tp_agreement(rank):
+    _agreement(rank, False, "same")  # TP ranks hold the same tokens: they must agree
+    _agreement(rank, True, "independent")  # sequence parallel: each holds its own tokens
+
+
+def test_data_and_expert_parallel_ranks_draw_independently():
+    """EP = 2 on 2 ranks: the ranks are also DP ranks (they hold different tokens)."""
+    run_distributed_test(_agreement, world_size=2, ep=2, args=(None, "independent"))
+
+
+def test_context_parallel_ranks_draw_independently():
+    run_distributed_test(_agreement, world_size=2, cp=2, args=(None, "independent"))
+
+
+def test_tensor_parallel_ranks_agree_unless_sequence_parallel():
+    run_distributed_test(_tp_agreement, world_size=2, tp=2)
 
 
 # ---------------------------------------------------------------------------------------------

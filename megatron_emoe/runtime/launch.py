@@ -87,7 +87,7 @@ def run_training_job(command: Sequence[str], log_path: str | os.PathLike, cwd=No
 
 @contextlib.contextmanager
 def megatron_session(
-    rank, world_size, store_dir, *, tp=1, ep=1, pp=1, vpp=None, timeout=120, backend="gloo"
+    rank, world_size, store_dir, *, tp=1, ep=1, pp=1, vpp=None, cp=1, timeout=120, backend="gloo"
 ):
     """This process as rank `rank` of a local world (file store in `store_dir`) with Megatron's
     parallel groups and seeds set up; all torn down on exit. `backend="gloo"` (CPU or GPU, with
@@ -114,6 +114,7 @@ def megatron_session(
             expert_model_parallel_size=ep,
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp,
+            context_parallel_size=cp,
         )
         torch.manual_seed(SEED)  # as megatron.training does before seeding the tracker
         tensor_parallel.model_parallel_cuda_manual_seed(SEED)
@@ -150,12 +151,12 @@ def local_backend(world_size: int, cuda_devices: int, flag: str = "--nproc") -> 
     return "nccl"
 
 
-def run_ranks(fn, world_size=1, *, backend="gloo", tp=1, ep=1, pp=1, vpp=None, args=(),
+def run_ranks(fn, world_size=1, *, backend="gloo", tp=1, ep=1, pp=1, vpp=None, cp=1, args=(),
               kwargs=None, timeout=120):
     """Run `fn(rank, *args, **kwargs)` on `world_size` local ranks over `backend` ("nccl": rank
     r on GPU r; see `local_backend`), `vpp` virtual pipeline stages per rank; raise if any rank
     fails."""
-    parallel = {"tp": tp, "ep": ep, "pp": pp, "vpp": vpp, "backend": backend}
+    parallel = {"tp": tp, "ep": ep, "pp": pp, "vpp": vpp, "cp": cp, "backend": backend}
     with tempfile.TemporaryDirectory(prefix="megatron-emoe-gloo-") as store_dir:
         run_args = (world_size, store_dir, fn, tuple(args), dict(kwargs or {}), parallel, timeout)
         if world_size == 1:
@@ -164,9 +165,10 @@ def run_ranks(fn, world_size=1, *, backend="gloo", tp=1, ep=1, pp=1, vpp=None, a
             spawn_ranks(_run, run_args, world_size, fn.__name__, timeout)
 
 
-def run_gloo(fn, world_size=2, *, tp=1, ep=1, pp=1, vpp=None, args=(), kwargs=None, timeout=120):
+def run_gloo(fn, world_size=2, *, tp=1, ep=1, pp=1, vpp=None, cp=1, args=(), kwargs=None,
+             timeout=120):
     """`run_ranks` over gloo on the CPU (tests, benchmarks, the CPU shim)."""
-    run_ranks(fn, world_size, backend="gloo", tp=tp, ep=ep, pp=pp, vpp=vpp, args=args,
+    run_ranks(fn, world_size, backend="gloo", tp=tp, ep=ep, pp=pp, vpp=vpp, cp=cp, args=args,
               kwargs=kwargs, timeout=timeout)
 
 
