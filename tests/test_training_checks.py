@@ -185,6 +185,15 @@ def test_budget_outside_the_experts(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_split_without_documents_is_refused(data):
+    # Megatron's default 969,30,1 gives 166 documents' test split nothing; it would never return.
+    flags = [*TINY_MODEL, "--data-path", data["pretrain_train"], "--tokenizer-model",
+             data["tokenizer_model"], "--train-iters", "2"]
+    out = _refused(flags)
+    assert "--split 969, 30, 1 leaves the test split" in out and "(166 documents)" in out
+
+
+@pytest.mark.slow
 def test_retired_mmoe_level_is_refused_with_its_replacement(data):
     out = _refused(_flags(data, "--moe-router-mode", "mmoe", "--mmoe-sample-level", "step"))
     assert "--mmoe-sample-level model" in out and "--mmoe-resample-every" in out

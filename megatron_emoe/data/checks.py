@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.indexed_dataset import DType
 
 from megatron_emoe.data.indexed import LOSS_MASK_SUFFIX, sequence_lengths
@@ -36,6 +40,27 @@ def check_data_prefixes(
                     "re-run emoe-preprocess-data --sft"
                 )
         _check_vocab(prefix, tokenizer_vocab_size, flag)
+
+
+def check_split_has_documents(prefixes: Iterable[str], split: str, needed: Sequence[bool]) -> None:
+    """Raise naming --split when a train/valid/test split that the run draws samples from
+    (`needed`, in that order) gets no document of a `--data-path` prefix: Megatron would loop
+    forever building that split's sample index."""
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        if _is_number(prefix):
+            continue
+        documents = len(sequence_lengths(prefix))
+        for name, bounds, wanted in zip(("train", "validation", "test"), matrix, needed):
+            if not wanted or bounds is None:
+                continue
+            begin, end = (int(round(b * documents)) for b in bounds)
+            if end <= begin:
+                raise UsageError(
+                    f"--split {split} leaves the {name} split of {prefix} ({documents} documents) "
+                    f"empty: give it a share of at least 1/{documents}, give it 0 (e.g. --split "
+                    "98,2,0), or pass --train-data-path/--valid-data-path"
+                )
 
 
 def max_token_id(prefix: str) -> int:

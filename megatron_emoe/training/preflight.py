@@ -9,7 +9,7 @@ from megatron.training.arguments import core_transformer_config_from_args
 from megatron_emoe import coactivation
 from megatron_emoe.budget import Budget
 from megatron_emoe.config import elastic_config_from_args
-from megatron_emoe.data.checks import check_data_prefixes
+from megatron_emoe.data.checks import check_data_prefixes, check_split_has_documents
 from megatron_emoe.errors import UsageError
 from megatron_emoe.runtime.checkpoints import (
     TRACKER,
@@ -43,6 +43,11 @@ def check_data(args, tokenizer_vocab_size: int) -> None:
         check_data_prefixes(
             values, tokenizer_vocab_size=tokenizer_vocab_size, sft=args.sft_packed, flag=flag
         )
+    if args.data_path and args.split:
+        training = not args.skip_train and bool(args.train_iters or args.train_samples)
+        evaluating = bool(args.eval_iters)
+        check_split_has_documents(args.data_path, args.split,
+                                  needed=(training, evaluating, evaluating))
 
 
 def check_sequence_length(args) -> None:
