@@ -144,3 +144,21 @@ def test_save_pretrained_loads_in_plain_transformers_and_back_elastic(tmp_path):
     assert last_hr_loss(again) is not None
     with pytest.raises(UsageError, match="elastic_moe"):
         from_pretrained(save_hf_model("olmoe", str(tmp_path / "plain")))
+
+
+def test_gradient_checkpointing_replays_the_emoe_draws():
+    """Recompute in backward draws the forward's experts again: the same gradients as without
+    activation checkpointing, and Σ L_HR counted once."""
+    grads, totals = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = elasticize(AutoModelForCausalLM.from_config(hf_config("qwen3_moe")), EMOE).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(1)
+        model(input_ids=tokens(), labels=tokens()).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        totals.append(last_hr_loss(model))
+    assert len(grads[0]) == len(grads[1])
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(*grads))
+    torch.testing.assert_close(totals[0], totals[1])

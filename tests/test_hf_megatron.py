@@ -80,16 +80,19 @@ def _compare(rank, family, results):
             if hasattr(gate, "e_score_correction_bias"):
                 router.expert_bias.copy_(bias)
                 gate.e_score_correction_bias.copy_(bias)
-        router.train(), gate.train()
+        router.train()
+        gate.train()
         pairs = []
         for step in (0, 0, 1):  # two micro-batches of one step, then the next step
-            router.begin_step(step), set_training_step(model, step)
+            router.begin_step(step)
+            set_training_step(model, step)
             state = torch.get_rng_state()
             probs, routing_map = router(hidden.unsqueeze(1))
             torch.set_rng_state(state)
             _, gates, chosen = gate(hidden)
             pairs.append(((probs.detach(), routing_map), dense(gates.detach(), chosen, config.num_moe_experts)))
-        router.eval(), gate.eval()
+        router.eval()
+        gate.eval()
         for budget in EVAL_BUDGETS:
             router.set_budget(budget)
             set_active_experts(model, budget)

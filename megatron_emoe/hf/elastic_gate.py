@@ -23,6 +23,7 @@ class ModelRouting:
 
     padding: Optional[torch.Tensor] = None  # [tokens] True at padding, from the attention mask
     hr_losses: list = dataclasses.field(default_factory=list)  # this forward's L_HR per layer
+    hr_total: Optional[torch.Tensor] = None  # their sum when the forward ended (detached)
 
 
 @dataclasses.dataclass

@@ -113,14 +113,14 @@ def set_training_step(model: torch.nn.Module, step: int) -> None:
 
 
 def last_hr_loss(model: torch.nn.Module) -> Optional[torch.Tensor]:
-    """Σ_layers L_HR of the last training forward (without the coefficient), None if not computed."""
-    losses = elastic_record(model).shared.hr_losses
-    return torch.stack([loss.detach() for loss in losses]).sum() if losses else None
+    """Σ_layers L_HR of the last training forward (without the coefficient), None if not computed
+    (taken when the forward ended, so activation recompute in backward does not count twice)."""
+    return elastic_record(model).shared.hr_total
 
 
 def _read_padding(shared: ModelRouting):
     def hook(module, args, kwargs):
-        shared.hr_losses = []
+        shared.hr_losses, shared.hr_total = [], None
         mask = kwargs.get("attention_mask")
         shared.padding = mask.reshape(-1) == 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
@@ -133,8 +133,10 @@ def _add_hr_loss(record: ElasticModel):
         losses = record.shared.hr_losses
         if not (module.training and coeff and losses):
             return output
+        total = torch.stack(losses).sum()
+        record.shared.hr_total = total.detach()
         if getattr(output, "loss", None) is not None:
-            output.loss = output.loss + coeff * torch.stack(losses).sum()
+            output.loss = output.loss + coeff * total
         return output
 
     return hook

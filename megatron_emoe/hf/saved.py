@@ -8,6 +8,7 @@ training k and the budget); plain transformers ignores the entry and routes top-
 from __future__ import annotations
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from megatron_emoe.budget import Budget
 from megatron_emoe.config import ElasticMoEConfig
@@ -18,8 +19,6 @@ from megatron_emoe.hf.elasticize import CONFIG_KEY, elasticize, set_active_exper
 def from_pretrained(folder: str, **kwargs) -> torch.nn.Module:
     """`AutoModelForCausalLM.from_pretrained(folder, **kwargs)`, made elastic with the saved
     config and set to the saved budget. A folder without the entry is refused (`UsageError`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(folder)
     entry = getattr(config, CONFIG_KEY, None)
     if not isinstance(entry, dict) or "config" not in entry:

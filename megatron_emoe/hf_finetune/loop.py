@@ -11,6 +11,7 @@ import json
 import os
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from megatron_emoe import routing
 from megatron_emoe.data.tokenizer import load_tokenizer
@@ -24,8 +25,6 @@ LOG_NAME = "finetune_log.jsonl"
 
 def run(options: FinetuneOptions) -> None:
     """Fine-tune as `options` says; rank 0 appends one JSON line per step to save/finetune_log.jsonl."""
-    from transformers import AutoModelForCausalLM
-
     init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     examples = load_sft(options.train_data, load_tokenizer(options.tokenizer), options.seq_length)

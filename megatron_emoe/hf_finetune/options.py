@@ -10,6 +10,8 @@ import json
 import os
 from typing import Optional
 
+from transformers import AutoConfig
+
 from megatron_emoe.config import ElasticMoEConfig, add_elastic_moe_args, elastic_config_from_args
 from megatron_emoe.conversion.families import moe_layer_pattern
 from megatron_emoe.data.default_data import data_paths, default_output_dir
@@ -105,8 +107,6 @@ def _deepspeed_config(path: str, ep_size: int) -> dict:
 
 
 def _check_against_model(folder: str, elastic: ElasticMoEConfig, ep_size: int) -> None:
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(folder)
     style = style_of(config)
     pattern = moe_layer_pattern(config)
