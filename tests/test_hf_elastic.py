@@ -142,6 +142,9 @@ def test_save_pretrained_loads_in_plain_transformers_and_back_elastic(tmp_path):
     again.train()
     again(input_ids=ids, labels=ids).loss.backward()
     assert last_hr_loss(again) is not None
+    replain = elasticize(AutoModelForCausalLM.from_pretrained(tmp_path), EMOE)  # plain load, elastic again
+    assert replain.num_experts_per_tok == 2 and replain.model.layers[0].mlp.gate.top_k == 2
+    assert replain.config.num_experts_per_tok == 2 and get_active_experts(replain) == [None, None]
     with pytest.raises(UsageError, match="elastic_moe"):
         from_pretrained(save_hf_model("olmoe", str(tmp_path / "plain")))
 
@@ -162,3 +165,15 @@ def test_gradient_checkpointing_replays_the_emoe_draws():
     assert len(grads[0]) == len(grads[1])
     assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(*grads))
     torch.testing.assert_close(totals[0], totals[1])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_bf16_gates_keep_the_family_dtype(family, tmp_path):
+    """In bf16, Mixtral's gates stay fp32 and Qwen's are cast to bf16, as their routers do: the
+    elastic model at k' = 3 equals the model loaded with k = 3 bit for bit."""
+    folder = save_hf_model(family, str(tmp_path / "hf"))
+    ids = tokens()
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, num_experts_per_tok=3).eval()
+    model = elasticize(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16), EMOE).eval()
+    set_active_experts(model, 3)
+    assert torch.equal(logits(model, ids), logits(plain, ids))

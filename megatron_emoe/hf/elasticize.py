@@ -47,6 +47,9 @@ def elasticize(model: torch.nn.Module, elastic: ElasticMoEConfig) -> torch.nn.Mo
     if getattr(model, "elastic_moe", None) is not None or any(is_elastic(m) for m in model.modules()):
         raise UsageError("this model is already elastic: elasticize() it once")
     config = model.config
+    entry = getattr(config, CONFIG_KEY, None)
+    if isinstance(entry, dict) and "train_topk" in entry:
+        _restore_training_k(model, int(entry["train_topk"]))
     style = style_of(config)
     found = sorted((int(m[1]), module) for name, module in model.named_modules()
                    if (m := _GATE_NAME.search(name)) and hasattr(module, "weight"))
@@ -65,6 +68,17 @@ def elasticize(model: torch.nn.Module, elastic: ElasticMoEConfig) -> torch.nn.Mo
     model.register_forward_hook(_add_hr_loss(record))
     set_active_experts(model, elastic.inference_budget)
     return model
+
+
+def _restore_training_k(model: torch.nn.Module, topk: int) -> None:
+    """A folder saved at a budget k' loaded by plain transformers routes at k': put the training k
+    back (config, the causal LM's aux-loss k, every gate) before making it elastic again."""
+    model.config.num_experts_per_tok = topk
+    for name, module in model.named_modules():
+        if hasattr(module, "num_experts_per_tok"):
+            module.num_experts_per_tok = topk
+        if hasattr(module, "top_k") and _GATE_NAME.search(name):
+            module.top_k = topk
 
 
 def elastic_record(model: torch.nn.Module) -> ElasticModel:

@@ -31,6 +31,7 @@ class GateStyle:
     group_score_topk: int = 1  # a group's score: the sum of its best this-many experts
     fp32_logits: bool = False  # DeepSeek computes router logits in fp32
     expert_bias: bool = False  # DeepSeek-V3's e_score_correction_bias (selection only)
+    gates_in_logits_dtype: bool = True  # cast gates to the logits' dtype (Mixtral keeps fp32)
 
     @property
     def reachable_experts(self) -> int:
@@ -52,7 +53,8 @@ def style_of(config) -> GateStyle:
         experts = config.num_local_experts if model_type == "mixtral" else config.num_experts
         renormalize = model_type == "mixtral" or bool(getattr(config, "norm_topk_prob", False))
         return GateStyle(model_type, experts, topk, "softmax", pre_softmax=not renormalize,
-                         renormalize=renormalize, scaling=None)
+                         renormalize=renormalize, scaling=None,
+                         gates_in_logits_dtype=model_type != "mixtral")
     experts = config.n_routed_experts
     scaling = float(getattr(config, "routed_scaling_factor", 1.0) or 1.0)
     groups, chosen = getattr(config, "n_group", None) or 1, getattr(config, "topk_group", None) or 1

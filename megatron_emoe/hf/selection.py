@@ -110,7 +110,7 @@ class ElasticSelection:
             gates = gates / (total + 1e-20 if style.score_function == "sigmoid" else total)
         if style.scaling is not None:
             gates = gates * style.scaling
-        return gates.to(logits.dtype)
+        return gates.to(logits.dtype) if style.gates_in_logits_dtype else gates
 
     def hierarchical_router_loss(self, logits: torch.Tensor,
                                  padding: Optional[torch.Tensor]) -> torch.Tensor:
