@@ -20,6 +20,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
 
 ZERO2 = Path(__file__).resolve().parents[1] / "examples" / "configs" / "ds_zero2.json"
 EMOE = ElasticMoEConfig(mode="emoe", k_ideal=4, hr_loss_coeff=1e-2)
+# per-token budgets: DeepSpeed gets the routes past a token's budget as evicted ones
+MMOE_TOKEN = ElasticMoEConfig(mode="mmoe", mmoe_k_choices=(1, 2, 4), mmoe_sample_level="token")
 
 
 def _logits(model, ids, budget):
@@ -38,6 +40,7 @@ def _gathered(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _expert_parallel_finetune(rank, family, results):
+    import copy
     import os
 
     import deepspeed
@@ -62,6 +65,16 @@ def _expert_parallel_finetune(rank, family, results):
     assert torch.equal(local, experts[4 * rank: 4 * rank + 4])
     diffs = {budget: (_logits(model, ids, budget) - want).abs().max().item()
              for budget, want in before.items()}
+
+    # training-mode forwards draw the same per-token budgets and experts on both sides
+    torch.manual_seed(0)
+    plain = elasticize(AutoModelForCausalLM.from_config(hf_config(family)), MMOE_TOKEN).train()
+    converted = to_deepspeed_moe(copy.deepcopy(plain), ep_size=2).train()
+    outputs = []
+    for candidate in (plain, converted):
+        torch.manual_seed(5)
+        outputs.append(candidate(input_ids=ids).logits.detach())
+    diffs["mmoe-token training"] = (outputs[0] - outputs[1]).abs().max().item()
 
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"})
@@ -95,7 +108,7 @@ def _expert_parallel_finetune(rank, family, results):
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
 def test_expert_parallel_deepspeed_moe_finetunes_and_converts_back(family, tmp_path):
     """EP = 2 on 2 gloo ranks: the converted model's logits equal the transformers model's at k
-    and at k' = 4 (1e-5, fp32); three ZeRO-2 EMoE steps train experts and router; gathered back
+    and at k' = 4, and in training with M-MoE per-token budgets (1e-5, fp32); three ZeRO-2 EMoE steps train experts and router; gathered back
     into transformers experts the model computes what the DeepSpeed model computed."""
     results = {"path": str(tmp_path / "rank0.pt")}
     run_distributed_test(_expert_parallel_finetune, world_size=2, args=(family, results), timeout=300)

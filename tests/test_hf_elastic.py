@@ -3,6 +3,7 @@ classes: tiny random fp32 models of each family (tests/conversion_models.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -177,3 +178,18 @@ def test_bf16_gates_keep_the_family_dtype(family, tmp_path):
     model = elasticize(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16), EMOE).eval()
     set_active_experts(model, 3)
     assert torch.equal(logits(model, ids), logits(plain, ids))
+
+
+def test_a_deep_copy_routes_and_adds_its_own_hierarchical_router_loss():
+    torch.manual_seed(0)
+    model = elasticize(AutoModelForCausalLM.from_config(hf_config("olmoe")),
+                       ElasticMoEConfig(mode="topk", hr_loss_coeff=0.5)).train()
+    twin = copy.deepcopy(model)
+    ids, mask = tokens(), torch.ones(2, 12, dtype=torch.long)
+    mask[0, 6:] = 0
+    original = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    copied = twin(input_ids=ids, attention_mask=mask, labels=ids).loss
+    torch.testing.assert_close(original, copied)
+    assert last_hr_loss(twin) is not None and twin.elastic_moe.shared is not model.elastic_moe.shared
+    set_active_experts(twin, 4)
+    assert get_active_experts(model) == [None, None]

@@ -64,8 +64,8 @@ def elasticize(model: torch.nn.Module, elastic: ElasticMoEConfig) -> torch.nn.Mo
     ]
     record = ElasticModel(elastic, style, view, gates, shared)
     model.elastic_moe = record  # a plain attribute: not a module, not in the state dict
-    model.register_forward_pre_hook(_read_padding(shared), with_kwargs=True)
-    model.register_forward_hook(_add_hr_loss(record))
+    model.register_forward_pre_hook(_read_padding, with_kwargs=True)
+    model.register_forward_hook(_add_hr_loss)
     set_active_experts(model, elastic.inference_budget)
     return model
 
@@ -132,25 +132,24 @@ def last_hr_loss(model: torch.nn.Module) -> Optional[torch.Tensor]:
     return elastic_record(model).shared.hr_total
 
 
-def _read_padding(shared: ModelRouting):
-    def hook(module, args, kwargs):
-        shared.hr_losses, shared.hr_total = [], None
-        mask = kwargs.get("attention_mask")
-        shared.padding = mask.reshape(-1) == 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+def _read_padding(module, args, kwargs) -> None:
+    """Forward pre-hook: start this forward's L_HR list and read its padding from the mask.
+    Hooks find the record on the module they run for, so a deep copy uses its own."""
+    shared = module.elastic_moe.shared
+    shared.hr_losses, shared.hr_total = [], None
+    mask = kwargs.get("attention_mask")
+    shared.padding = mask.reshape(-1) == 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    return hook
 
-
-def _add_hr_loss(record: ElasticModel):
-    def hook(module, args, output):
-        coeff = record.elastic.hr_loss_coeff
-        losses = record.shared.hr_losses
-        if not (module.training and coeff and losses):
-            return output
-        total = torch.stack(losses).sum()
-        record.shared.hr_total = total.detach()
-        if getattr(output, "loss", None) is not None:
-            output.loss = output.loss + coeff * total
+def _add_hr_loss(module, args, output):
+    """Forward hook: add coeff * Σ_layers L_HR to the loss of a training forward."""
+    record = module.elastic_moe
+    coeff = record.elastic.hr_loss_coeff
+    losses = record.shared.hr_losses
+    if not (module.training and coeff and losses):
         return output
-
-    return hook
+    total = torch.stack(losses).sum()
+    record.shared.hr_total = total.detach()
+    if getattr(output, "loss", None) is not None:
+        output.loss = output.loss + coeff * total
+    return output
