@@ -108,8 +108,9 @@ def _expert_parallel_finetune(rank, family, results):
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
 def test_expert_parallel_deepspeed_moe_finetunes_and_converts_back(family, tmp_path):
     """EP = 2 on 2 gloo ranks: the converted model's logits equal the transformers model's at k
-    and at k' = 4, and in training with M-MoE per-token budgets (1e-5, fp32); three ZeRO-2 EMoE steps train experts and router; gathered back
-    into transformers experts the model computes what the DeepSpeed model computed."""
+    and at k' = 4, and in training with M-MoE per-token budgets (1e-5, fp32); three ZeRO-2 EMoE
+    steps train experts and router; gathered back into transformers experts, the model computes
+    what the DeepSpeed model computed."""
     results = {"path": str(tmp_path / "rank0.pt")}
     run_distributed_test(_expert_parallel_finetune, world_size=2, args=(family, results), timeout=300)
     found = torch.load(results["path"])

@@ -90,7 +90,8 @@ def _compare(rank, family, results):
             probs, routing_map = router(hidden.unsqueeze(1))
             torch.set_rng_state(state)
             _, gates, chosen = gate(hidden)
-            pairs.append(((probs.detach(), routing_map), dense(gates.detach(), chosen, config.num_moe_experts)))
+            theirs = (probs.detach(), routing_map)
+            pairs.append((theirs, dense(gates.detach(), chosen, config.num_moe_experts)))
         router.eval()
         gate.eval()
         for budget in EVAL_BUDGETS:

@@ -68,7 +68,8 @@ class DeepSpeedMoEBlock(torch.nn.Module):
         output = self.moe(hidden_states)[0]
         block = self.block
         if hasattr(block, "shared_expert"):  # Qwen2-MoE: sigmoid-gated shared expert
-            output = output + F.sigmoid(block.shared_expert_gate(hidden_states)) * block.shared_expert(hidden_states)
+            shared = block.shared_expert(hidden_states)
+            output = output + F.sigmoid(block.shared_expert_gate(hidden_states)) * shared
         if hasattr(block, "shared_experts"):  # DeepSeek
             output = output + block.shared_experts(hidden_states)
         return output

@@ -104,9 +104,11 @@ def set_active_experts(model: torch.nn.Module, budget: BudgetLike) -> None:
     record.budget = parsed
     for gate in record.gates:
         state = gate.elastic_state
-        state.eval_budget = None if parsed is None else parsed.for_layer(record.view, state.layer_number, False)
+        state.eval_budget = (None if parsed is None
+                             else parsed.for_layer(record.view, state.layer_number, False))
     config = getattr(model, "module", model).config
-    config.num_experts_per_tok = parsed.value if parsed and isinstance(parsed.value, int) else record.style.topk
+    fixed = parsed is not None and isinstance(parsed.value, int)
+    config.num_experts_per_tok = parsed.value if fixed else record.style.topk
     setattr(config, CONFIG_KEY, {
         "config": dataclasses.asdict(record.elastic),
         "train_topk": record.style.topk,

@@ -51,7 +51,8 @@ def run(options: FinetuneOptions) -> None:
             hr = last_hr_loss(model)
             _log(options.save, {"step": step + 1, "loss": sum(losses) / len(losses),
                                 "hr_loss": None if hr is None else hr.item()})
-        if options.save_interval and (step + 1) % options.save_interval == 0 and step + 1 < options.train_iters:
+        done = step + 1
+        if options.save_interval and done % options.save_interval == 0 and done < options.train_iters:
             engine.save_checkpoint(options.save, tag=f"step{step + 1}", client_state={"step": step + 1})
     engine.save_checkpoint(options.save, tag=f"step{options.train_iters}",
                            client_state={"step": options.train_iters})

@@ -41,20 +41,23 @@ class FinetuneOptions:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="emoe-finetune-hf", description=__doc__)
-    parser.add_argument("--model", required=True, help="transformers MoE model folder (config.json + weights)")
+    parser.add_argument("--model", required=True,
+                        help="transformers MoE model folder (config.json + weights)")
     parser.add_argument("--data-dir", default=None,
                         help="the default data folder (emoe-build-default-data); its raw SFT split "
                              "and tokenizer are used unless --train-data/--tokenizer are given")
     parser.add_argument("--train-data", default=None, help="JSONL conversations")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder")
     parser.add_argument("--deepspeed-config", required=True, help="DeepSpeed JSON config (ZeRO stage, batch)")
-    parser.add_argument("--save", required=True, help="folder for DeepSpeed checkpoints and the final model (save/hf)")
+    parser.add_argument("--save", required=True,
+                        help="folder for DeepSpeed checkpoints and the final model (save/hf)")
     parser.add_argument("--load", default=None, help="resume from this DeepSpeed checkpoint folder")
     parser.add_argument("--train-iters", type=int, default=100)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--save-interval", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    parser.add_argument("--save-interval", type=int, default=0,
+                        help="checkpoint every N steps (0: at the end only)")
     parser.add_argument("--expert-parallel-size", dest="ep_size", type=int, default=0,
                         help="run the routed experts in deepspeed.moe layers with this EP size (ZeRO-1/2)")
     add_elastic_moe_args(parser)
