@@ -263,7 +263,11 @@ class ElasticRouter(TopKRouter):
         return probs, routing_map
 
     def _gate_fixed(self, logits, chosen):
-        return topk_routing_with_score_function(
+        """Megatron's gates for `chosen` `[tokens, k]`. Sigmoid-type gates of a model trained
+        with k > 1 are normalised over the chosen experts, at k' = 1 too (gate 1 x scaling
+        factor, as transformers' DeepSeek-V3 does); Megatron skips that normalisation for k = 1,
+        which is right only for a model trained at top-1."""
+        probs, routing_map = topk_routing_with_score_function(
             logits,
             chosen.shape[1],
             use_pre_softmax=self.config.moe_router_pre_softmax,
@@ -271,6 +275,10 @@ class ElasticRouter(TopKRouter):
             score_function=self.score_function,
             precomputed_indices=chosen,
         )
+        if chosen.shape[1] == 1 and self.train_topk > 1 and self.score_function != "softmax":
+            # s / s: a constant gate, with the zero gradient normalisation gives it
+            probs = routing_map.to(probs.dtype) * (self.config.moe_router_topk_scaling_factor or 1.0)
+        return probs, routing_map
 
     def _apply_aux_losses(
         self, probs, logits, routing_map, padding_mask, seq_length, bsz, full_softmax
