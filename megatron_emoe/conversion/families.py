@@ -14,6 +14,7 @@ import torch
 
 from megatron_emoe.conversion import deepseek, tensors
 from megatron_emoe.conversion.rules import ConversionError, Rule, rope_parameters
+from megatron_emoe.hf.moe_view import moe_layer_pattern
 
 __all__ = ["FAMILIES", "ConversionError", "Family", "Rule", "Style", "family_for"]
 
@@ -265,17 +266,6 @@ def shared_expert_width(config) -> int:
     if getattr(config, "shared_expert_intermediate_size", None):
         return config.shared_expert_intermediate_size
     return config.n_shared_experts * config.moe_intermediate_size
-
-
-def moe_layer_pattern(config) -> list[bool]:
-    """For each decoder layer, whether it is an MoE layer (Qwen-style sparse-step / dense list,
-    DeepSeek's first dense layers)."""
-    first_moe = getattr(config, "first_k_dense_replace", None) or 0
-    if first_moe:
-        return [i >= first_moe for i in range(config.num_hidden_layers)]
-    dense = set(getattr(config, "mlp_only_layers", None) or [])
-    step = getattr(config, "decoder_sparse_step", None) or 1
-    return [i not in dense and (i + 1) % step == 0 for i in range(config.num_hidden_layers)]
 
 
 FAMILIES: dict[str, Family] = {}

@@ -42,3 +42,14 @@ def moe_view(style: GateStyle, num_layers: int, moe_layers: list[int]) -> MoEVie
         moe_router_num_groups=style.num_groups,
         moe_router_group_topk=style.group_topk,
     )
+
+
+def moe_layer_pattern(config) -> list[bool]:
+    """For each decoder layer, whether it is an MoE layer (Qwen-style sparse-step / dense list,
+    DeepSeek's first dense layers)."""
+    first_moe = getattr(config, "first_k_dense_replace", None) or 0
+    if first_moe:
+        return [i >= first_moe for i in range(config.num_hidden_layers)]
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    return [i not in dense and (i + 1) % step == 0 for i in range(config.num_hidden_layers)]

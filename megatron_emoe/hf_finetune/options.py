@@ -13,11 +13,10 @@ from typing import Optional
 from transformers import AutoConfig
 
 from megatron_emoe.config import ElasticMoEConfig, add_elastic_moe_args, elastic_config_from_args
-from megatron_emoe.conversion.families import moe_layer_pattern
 from megatron_emoe.data.default_data import data_paths, default_output_dir
 from megatron_emoe.errors import ArgumentParser, UsageError
 from megatron_emoe.hf.gate_styles import style_of
-from megatron_emoe.hf.moe_view import moe_view
+from megatron_emoe.hf.moe_view import moe_layer_pattern, moe_view
 
 
 @dataclasses.dataclass(frozen=True)
