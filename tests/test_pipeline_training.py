@@ -26,12 +26,19 @@ RUNS = {
     # Stage 0 holds only a dense layer: its metric reductions must still meet stage 1's.
     "topk-hr-dense-stage": [*PP2, "--moe-layer-freq", "[0,1]", "--moe-router-mode", "topk",
                             "--emoe-hr-loss-coeff", "1e-3", *FULL_RECOMPUTE],
+    # EMoE on the plain 1F1B schedule (stage 0 runs a warm-up forward ahead of its backward).
+    "emoe-1f1b": [*PP2, "--moe-router-mode", "emoe", "--emoe-k-ideal", "3",
+                  "--emoe-hr-loss-coeff", "1e-3"],
     # Interleaved 1F1B over 4 layers in 2 x 2 virtual stages, MoE recomputed selectively, and
     # the end-of-run budget sweep on the pipelined model.
     "emoe-interleaved": [*PP2, "--num-layers", "4", "--num-virtual-stages-per-pipeline-rank", "2",
                          "--moe-router-mode", "emoe", "--emoe-k-ideal", "3",
                          "--recompute-granularity", "selective", "--recompute-modules", "moe",
                          "--elastic-eval-budgets", "1", "3"],
+    # M-MoE with per-token budgets (allgather dispatcher) on the interleaved schedule.
+    "mmoe-token-interleaved": [*PP2, "--num-layers", "4", "--num-virtual-stages-per-pipeline-rank",
+                               "2", "--moe-router-mode", "mmoe", "--mmoe-sample-level", "token",
+                               "--moe-token-dispatcher-type", "allgather", *FULL_RECOMPUTE],
 }
 
 
@@ -49,9 +56,12 @@ def test_pipeline_parallel_training(tmp_path, small_data, name):
         assert "hierarchical_router_loss" in logged and "router_entropy" in logged
         assert "expert_load/layer_02/expert_000" in logged
         assert not any(t.startswith("expert_load/layer_01/") for t in logged), "layer 1 is dense"
+    elif name == "emoe-1f1b":
+        check_training_metrics(tmp_path / "tb", "emoe", [1, 2, 3])
     else:
         layers = {t.split("/")[1] for t in logged if t.startswith("expert_load/")}
         assert layers == {"layer_01", "layer_02", "layer_03", "layer_04"}
+    if name == "emoe-interleaved":
         sweep = json.loads((tmp_path / "ckpt" / "elastic_eval.json").read_text())
         assert sorted(sweep["val_loss"]) == ["1", "3"] and sweep["iteration"] == 3
         # The pipelined checkpoint (2 stages x 2 virtual stages) loads in one process, no
