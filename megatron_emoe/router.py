@@ -176,7 +176,7 @@ class ElasticRouter(TopKRouter):
             k, budgets, generator = self._plan(logits.shape[0], logits.device, eval_topk)
             chosen = self._choose_experts(logits, k, generator)
         probs, routing_map = self._gate(logits, chosen, budgets)
-        # Megatron's aux-loss helpers read self.topk: give them the mean experts per token.
+        # Megatron's aux-loss helpers and the capacity read the mean experts per token.
         self.topk = k if budgets is None else budgets.float().mean()
         self.dispatch_topk = k
         map_for_aux_loss = routing_map
@@ -186,7 +186,7 @@ class ElasticRouter(TopKRouter):
             probs, routing_map = apply_router_token_dropping(
                 probs,
                 routing_map,
-                router_topk=k if budgets is None else budgets.float().mean().item(),
+                router_topk=float(self.topk),
                 capacity_factor=self.config.moe_expert_capacity_factor,
                 drop_policy=self.config.moe_token_drop_policy,
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
@@ -231,11 +231,7 @@ class ElasticRouter(TopKRouter):
         the router's probability over all experts reaches p (sigmoid-type scores are normalised
         to sum to 1 first)."""
         with torch.no_grad():
-            if self.score_function == "softmax":
-                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            else:
-                scores = routing.selection_scores(logits, self.score_function)
-                probs = scores / scores.sum(dim=-1, keepdim=True)
+            probs = routing.router_probabilities(logits, self.score_function)
             return routing.top_p_budgets(probs.gather(1, chosen), p)
 
     def _agree_across_tp(self, drawn: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ __all__ = [
     "group_limited_scores",
     "hierarchical_router_loss",
     "mix_seed",
+    "router_probabilities",
     "sample_coactivation",
     "sample_token_budgets",
     "selection_scores",
@@ -90,6 +91,15 @@ def sample_coactivation(
     # The k smallest of k_ideal i.i.d. uniform keys pick a uniformly random k-subset of positions.
     positions = keys.topk(k, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values
     return pool.gather(1, positions)
+
+
+def router_probabilities(logits: torch.Tensor, score_function: str = "softmax") -> torch.Tensor:
+    """The router's probability of every expert `[tokens, experts]`: the softmax of the logits,
+    or sigmoid-type scores normalised to sum to 1 (what top-p budgets are measured against)."""
+    if score_function == "softmax":
+        return torch.softmax(logits, dim=-1, dtype=torch.float32)
+    scores = selection_scores(logits, score_function)
+    return scores / scores.sum(dim=-1, keepdim=True)
 
 
 def top_p_budgets(ranked_probs: torch.Tensor, p: float) -> torch.Tensor:

@@ -85,11 +85,7 @@ class ElasticSelection:
 
     def _top_p_budgets(self, logits: torch.Tensor, chosen: torch.Tensor, p: float) -> torch.Tensor:
         """`[tokens]` top-p budgets over the router's probabilities (sigmoid scores normalised)."""
-        if self.style.score_function == "softmax":
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        else:
-            scores = torch.sigmoid(logits.float())
-            probs = scores / scores.sum(dim=-1, keepdim=True)
+        probs = routing.router_probabilities(logits, self.style.score_function)
         return routing.top_p_budgets(probs.gather(1, chosen), p)
 
     def gates(self, logits: torch.Tensor, chosen: torch.Tensor,

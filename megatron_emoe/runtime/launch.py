@@ -3,10 +3,11 @@
 - `training_command(argv, nproc)` and `launch_environment()` are the one recipe (torchrun command
   and environment) by which the demo, the tests and the benchmarks start the training entry;
   `run_training_job` runs it with one progress line per logged step.
-- `run_ranks(fn, world_size, backend=...)` / `run_gloo(fn, world_size=2, ep=2)` spawn `world_size` local processes (file-store rendezvous,
-  gloo on loopback) and in each initialises gloo, `megatron_emoe.cpu.enable()`, Megatron's parallel
-  groups and seeds, then calls `fn(rank, *args, **kwargs)`; the evaluation and conversion apps, the
-  benchmarks and the tests use it. A failure in any rank is raised in the caller with that rank's
+- `run_ranks(fn, world_size, backend=...)` / `run_gloo(fn, world_size=2, ep=2)` spawn
+  `world_size` local processes (file-store rendezvous, gloo on loopback, or NCCL with one GPU per
+  rank) and in each initialise the process group, `megatron_emoe.cpu.enable()` on gloo, Megatron's
+  parallel groups and seeds, then call `fn(rank, *args, **kwargs)`; the evaluation and conversion
+  apps, the benchmarks and the tests use them. A failure in any rank is raised in the caller with that rank's
   traceback. `fn` must be a top-level (picklable) function. With world_size=1 it runs in the
   calling process.
 """
@@ -138,15 +139,15 @@ def _run(rank, world_size, store_dir, fn, args, kwargs, parallel, timeout):
         return fn(rank, *args, **kwargs)
 
 
-def local_backend(world_size: int, cuda_devices: int, flag: str = "--nproc") -> str:
-    """The backend for `world_size` local ranks on a node with `cuda_devices` GPUs: NCCL with
-    GPU r for rank r, or gloo on the CPU without GPUs. Sharing GPUs is refused (ranks would pile
-    on GPU 0); `flag` names the rank count in that error."""
+def local_backend(world_size: int, cuda_devices: int) -> str:
+    """The backend for `world_size` local ranks (the tools' `--nproc`) on a node with
+    `cuda_devices` GPUs: NCCL with GPU r for rank r, or gloo on the CPU without GPUs. Sharing
+    GPUs is refused (ranks would pile on GPU 0)."""
     if cuda_devices == 0:
         return "gloo"
     if cuda_devices < world_size:
         raise UsageError(
-            f"{flag} {world_size} needs one GPU per rank; this node has {cuda_devices}"
+            f"--nproc {world_size} needs one GPU per rank; this node has {cuda_devices}"
         )
     return "nccl"
 
