@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 from megatron_emoe.errors import UsageError
 from megatron_emoe.draws import RESAMPLE_EVERY
-from megatron_emoe.routing import budget_weights
+from megatron_emoe.routing import budget_weights, scheduled_k_ideal
 from megatron_emoe.budget import (
     Budget,
     limit_reason,
@@ -65,6 +65,35 @@ class ElasticMoEConfig:
         metadata=_flag(
             "--emoe-k-ideal-factor", "k_ideal as a multiple of moe-router-topk (papers: 2-4).",
             type=float,
+        ),
+    )
+    k_ideal_start: Optional[int] = field(
+        default=None,
+        metadata=_flag(
+            "--emoe-k-ideal-start",
+            "EMoE k_ideal schedule: the pool size when EMoE starts, going linearly to the final "
+            "k_ideal (--emoe-k-ideal or its factor) over --emoe-k-ideal-ramp-iters steps "
+            "(rounded, halves up). Default: no schedule, the final k_ideal throughout.",
+            type=int,
+        ),
+    )
+    k_ideal_ramp_iters: Optional[int] = field(
+        default=None,
+        metadata=_flag(
+            "--emoe-k-ideal-ramp-iters",
+            "EMoE k_ideal schedule: optimizer steps from --emoe-k-ideal-start to the final "
+            "k_ideal (given together with --emoe-k-ideal-start).",
+            type=int,
+        ),
+    )
+    emoe_start_iter: Optional[int] = field(
+        default=None,
+        metadata=_flag(
+            "--emoe-start-iter",
+            "Top-k first, then EMoE: training steps before this one route as "
+            "--moe-router-mode topk does (plus L_HR), EMoE from it on; a k_ideal schedule "
+            "starts here. Default (or 0): EMoE from the first step.",
+            type=int,
         ),
     )
     hr_loss_coeff: float = field(
@@ -172,6 +201,28 @@ class ElasticMoEConfig:
         """The EMoE candidate-pool size for a training top-k."""
         return self.k_ideal if self.k_ideal is not None else round(self.k_ideal_factor * topk)
 
+    @property
+    def emoe_begin(self) -> int:
+        """The first training step that routes with EMoE (`--emoe-start-iter`, 0 when unset)."""
+        return 0 if self.emoe_start_iter is None else self.emoe_start_iter
+
+    def routes_topk_at(self, step: Optional[int]) -> bool:
+        """Whether a training forward at optimizer `step` routes as --moe-router-mode topk does:
+        always in topk mode, and before --emoe-start-iter in emoe mode (never for step None)."""
+        if self.mode == "topk":
+            return True
+        return self.mode == "emoe" and step is not None and step < self.emoe_begin
+
+    def k_ideal_at(self, step: Optional[int], topk: int) -> int:
+        """The EMoE pool size of a training forward at optimizer `step`: the --emoe-k-ideal-start
+        schedule when set, else (and for step None, outside a training loop) the final one."""
+        final = self.resolved_k_ideal(topk)
+        if step is None or self.k_ideal_start is None:
+            return final
+        return scheduled_k_ideal(
+            step, self.k_ideal_start, final, self.k_ideal_ramp_iters, begin=self.emoe_begin
+        )
+
     def mmoe_budgets(self, topk: int) -> tuple[int, ...]:
         """The M-MoE budgets k is drawn from, ascending."""
         if self.mmoe_k_choices is not None:
@@ -224,12 +275,36 @@ class ElasticMoEConfig:
             raise UsageError(f"--emoe-k-ideal-factor must be >= 1, got {self.k_ideal_factor}")
         if self.hr_loss_coeff < 0.0:
             raise UsageError(f"--emoe-hr-loss-coeff must be >= 0, got {self.hr_loss_coeff}")
+        self._validate_emoe_schedule()
         if self.mmoe_k_choices is not None and (
             self.mmoe_k_min is not None or self.mmoe_k_max is not None
         ):
             raise UsageError("give either --mmoe-k-choices or --mmoe-k-min/--mmoe-k-max, not both")
         if self.mmoe_k_choices is not None and len(self.mmoe_k_choices) == 0:
             raise UsageError("--mmoe-k-choices needs at least one value")
+
+    def _validate_emoe_schedule(self) -> None:
+        """--emoe-k-ideal-start/--emoe-k-ideal-ramp-iters and --emoe-start-iter: emoe mode only,
+        the schedule's two flags together, counts in range (the pool's range needs the model)."""
+        schedule = {"--emoe-k-ideal-start": self.k_ideal_start,
+                    "--emoe-k-ideal-ramp-iters": self.k_ideal_ramp_iters}
+        given = {**schedule, "--emoe-start-iter": self.emoe_start_iter}
+        for flag, value in given.items():
+            if value is not None and self.mode != "emoe":
+                raise UsageError(
+                    f"{flag} schedules EMoE training and needs --moe-router-mode emoe, "
+                    f"got --moe-router-mode {self.mode}"
+                )
+        missing = [flag for flag, value in schedule.items() if value is None]
+        if len(missing) == 1:
+            other = next(flag for flag in schedule if flag not in missing)
+            raise UsageError(f"{other} needs {missing[0]}: give both flags or neither")
+        if self.k_ideal_ramp_iters is not None and self.k_ideal_ramp_iters < 1:
+            raise UsageError(
+                f"--emoe-k-ideal-ramp-iters must be >= 1, got {self.k_ideal_ramp_iters}"
+            )
+        if self.emoe_start_iter is not None and self.emoe_start_iter < 0:
+            raise UsageError(f"--emoe-start-iter must be >= 0, got {self.emoe_start_iter}")
 
     def _validate_mmoe_sampling(self) -> None:
         """How M-MoE draws its budgets: flags that must fit together."""
@@ -279,6 +354,11 @@ class ElasticMoEConfig:
                     f"--emoe-k-ideal must be in [moe-router-topk={topk}, {limit}] "
                     f"({limit_reason(tc)}), got {k_ideal}"
                     + ("" if self.k_ideal is not None else " from --emoe-k-ideal-factor")
+                )
+            if self.k_ideal_start is not None and not topk <= self.k_ideal_start <= limit:
+                raise UsageError(
+                    f"--emoe-k-ideal-start must be in [moe-router-topk={topk}, {limit}] "
+                    f"({limit_reason(tc)}), got {self.k_ideal_start}"
                 )
         if self.mode == "mmoe":
             self._validate_mmoe(tc)

@@ -46,6 +46,7 @@ class ElasticRouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.elastic = elastic
         self.train_topk = config.moe_router_topk
+        # The final EMoE pool size; a training forward uses `elastic.k_ideal_at(draws.step)`.
         self.k_ideal = elastic.resolved_k_ideal(self.train_topk)
         self.mmoe_budgets = elastic.mmoe_budgets(self.train_topk)
         self.mmoe_weights = elastic.mmoe_weights(self.train_topk)
@@ -153,7 +154,10 @@ class ElasticRouter(TopKRouter):
     def _route(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         self.topk = self.dispatch_topk = self.train_topk
         eval_topk = None if self.training else self.active_topk
-        if self.elastic.mode == "topk" and not eval_topk:  # exactly Megatron's top-k, + L_HR
+        # Top-k mode, or EMoE's Top-k phase (before --emoe-start-iter): exactly Megatron's
+        # top-k, + L_HR. It takes no training key, in the forward and its recompute alike.
+        topk_training = self.training and self.elastic.routes_topk_at(self.draws.step)
+        if topk_training or (self.elastic.mode == "topk" and not eval_topk):
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
             if self.training and torch.is_grad_enabled() and self.elastic.hr_loss_coeff:
                 logits = logits.reshape(-1, self.config.num_moe_experts)
@@ -207,7 +211,7 @@ class ElasticRouter(TopKRouter):
         self, logits: torch.Tensor, k: int, generator: Optional[torch.Generator]
     ) -> torch.Tensor:
         """`[tokens, k]` experts: sampled from the top-k_ideal pool with `generator` (EMoE
-        training) or top-k."""
+        training, k_ideal of the current step) or top-k."""
         cfg = self.config
         with torch.no_grad():
             scores = routing.selection_scores(
@@ -221,8 +225,9 @@ class ElasticRouter(TopKRouter):
                     self.train_topk // cfg.moe_router_group_topk,
                 )
             if self.training and self.elastic.mode == "emoe":
+                k_ideal = self.elastic.k_ideal_at(self.draws.step, self.train_topk)
                 return self._agree_across_tp(
-                    routing.sample_coactivation(scores, k, self.k_ideal, generator)
+                    routing.sample_coactivation(scores, k, k_ideal, generator)
                 )
             return routing.topk_indices(scores, k)
 

@@ -20,6 +20,7 @@ __all__ = [
     "router_probabilities",
     "sample_coactivation",
     "sample_token_budgets",
+    "scheduled_k_ideal",
     "selection_scores",
     "top_p_budgets",
     "topk_indices",
@@ -91,6 +92,16 @@ def sample_coactivation(
     # The k smallest of k_ideal i.i.d. uniform keys pick a uniformly random k-subset of positions.
     positions = keys.topk(k, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values
     return pool.gather(1, positions)
+
+
+def scheduled_k_ideal(step: int, start: int, final: int, ramp_iters: int, begin: int = 0) -> int:
+    """k_ideal at ``step``: ``start`` until ``begin``, linear to ``final`` over ``ramp_iters``
+    steps, then ``final``; rounded to the nearest integer, halves up (exact integer maths)."""
+    if ramp_iters < 1:
+        raise ValueError(f"ramp_iters must be >= 1, got {ramp_iters}")
+    done = min(max(step - begin, 0), ramp_iters)
+    # floor(start + (final - start) * done / ramp_iters + 1/2), without floats
+    return (2 * start * ramp_iters + 2 * (final - start) * done + ramp_iters) // (2 * ramp_iters)
 
 
 def router_probabilities(logits: torch.Tensor, score_function: str = "softmax") -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import builders
 from megatron_emoe import ElasticMoEConfig, add_elastic_moe_args, elastic_config_from_args
 from megatron_emoe.budget import Budget
+from megatron_emoe.runtime.saved_args import saved_over_defaults
 
 
 def config(**overrides):
@@ -53,6 +54,13 @@ def config(**overrides):
          dict(moe_token_dispatcher_type="allgather", moe_expert_capacity_factor=1.0,
               moe_pad_expert_input_to_capacity=True),
          r"--moe-pad-expert-input-to-capacity .* --mmoe-sample-level token"),
+        (dict(mode="emoe", k_ideal=4, k_ideal_start=1, k_ideal_ramp_iters=10), {},
+         r"--emoe-k-ideal-start must be in \[moe-router-topk=2, 8\] .*got 1"),
+        (dict(mode="emoe", k_ideal=4, k_ideal_start=9, k_ideal_ramp_iters=10), {},
+         r"--emoe-k-ideal-start must be in \[moe-router-topk=2, 8\]"),
+        (dict(mode="emoe", k_ideal=4, k_ideal_start=6, k_ideal_ramp_iters=10),
+         dict(moe_router_num_groups=4, moe_router_group_topk=2),
+         r"--emoe-k-ideal-start must be in \[moe-router-topk=2, 4\] \(moe-router-group-topk=2"),
     ],
 )
 def test_bad_input_names_flag_and_range(elastic, tc_overrides, message):
@@ -81,6 +89,18 @@ def test_bad_input_names_flag_and_range(elastic, tc_overrides, message):
         (dict(mmoe_k_weighting="capacity", mmoe_k_weights=(1.0, 2.0)),
          r"either --mmoe-k-weights or --mmoe-k-weighting capacity"),
         (dict(mmoe_k_weights=(1.0, -2.0)), r"--mmoe-k-weights must be non-negative"),
+        (dict(k_ideal_start=4, k_ideal_ramp_iters=10),
+         r"--emoe-k-ideal-start schedules EMoE .* needs --moe-router-mode emoe, got .* topk"),
+        (dict(mode="mmoe", k_ideal_ramp_iters=10),
+         r"--emoe-k-ideal-ramp-iters schedules EMoE .* got --moe-router-mode mmoe"),
+        (dict(emoe_start_iter=0), r"--emoe-start-iter schedules EMoE .* --moe-router-mode emoe"),
+        (dict(mode="emoe", k_ideal_start=4),
+         r"--emoe-k-ideal-start needs --emoe-k-ideal-ramp-iters: give both flags or neither"),
+        (dict(mode="emoe", k_ideal_ramp_iters=10),
+         r"--emoe-k-ideal-ramp-iters needs --emoe-k-ideal-start: give both flags or neither"),
+        (dict(mode="emoe", k_ideal_start=4, k_ideal_ramp_iters=0),
+         r"--emoe-k-ideal-ramp-iters must be >= 1, got 0"),
+        (dict(mode="emoe", emoe_start_iter=-1), r"--emoe-start-iter must be >= 0, got -1"),
     ],
 )
 def test_bad_standalone_values_fail_at_construction(kwargs, message):
@@ -97,6 +117,11 @@ def test_valid_combinations_pass():
     ElasticMoEConfig(mode="mmoe", mmoe_sample_level="token").validate(
         config(moe_expert_capacity_factor=1.5)
     )
+    # Both schedule directions, and Top-k first with a ramp that narrows.
+    ElasticMoEConfig(mode="emoe", k_ideal=8, k_ideal_start=2,
+                     k_ideal_ramp_iters=1).validate(config())
+    ElasticMoEConfig(mode="emoe", k_ideal=2, k_ideal_start=8, k_ideal_ramp_iters=5,
+                     emoe_start_iter=100).validate(config())
     # Plain top-k keeps every Megatron balancing type.
     ElasticMoEConfig(mode="topk").validate(
         config(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0)
@@ -207,6 +232,33 @@ def test_flags_extend_megatron_parser_one_to_one():
     flags = {f.metadata["flag"] for f in dataclasses.fields(ElasticMoEConfig)}
     assert len(flags) == len(dataclasses.fields(ElasticMoEConfig))
     assert elastic_config_from_args(parser.parse_args([])) == ElasticMoEConfig()
+
+
+def test_schedule_flags_parse_to_their_fields():
+    parser = add_elastic_moe_args(argparse.ArgumentParser())
+    args = parser.parse_args(
+        "--moe-router-mode emoe --emoe-k-ideal 6 --emoe-k-ideal-start 2 "
+        "--emoe-k-ideal-ramp-iters 100 --emoe-start-iter 50".split()
+    )
+    assert elastic_config_from_args(args, config()) == ElasticMoEConfig(
+        mode="emoe", k_ideal=6, k_ideal_start=2, k_ideal_ramp_iters=100, emoe_start_iter=50
+    )
+    defaults = elastic_config_from_args(parser.parse_args([]))
+    assert (defaults.k_ideal_start, defaults.k_ideal_ramp_iters, defaults.emoe_start_iter) == (
+        None, None, None)
+
+
+def test_checkpoints_saved_before_the_schedule_flags_load_with_the_defaults():
+    old_run = argparse.Namespace(moe_router_mode="emoe", emoe_k_ideal=4, num_experts=8,
+                                 moe_router_topk=2)
+    elastic = elastic_config_from_args(saved_over_defaults(old_run))
+    assert elastic == ElasticMoEConfig(mode="emoe", k_ideal=4)
+    assert elastic.k_ideal_at(10, 2) == 4 and not elastic.routes_topk_at(0)
+    # transformers folders keep the config as a dict: an old one lacks the new keys
+    settings = dataclasses.asdict(ElasticMoEConfig(mode="emoe", k_ideal=4))
+    for name in ("k_ideal_start", "k_ideal_ramp_iters", "emoe_start_iter"):
+        del settings[name]
+    assert ElasticMoEConfig(**settings) == elastic
 
 
 def test_from_args_validates_against_the_model():

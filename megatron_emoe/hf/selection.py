@@ -28,6 +28,7 @@ class ElasticSelection:
         self.style = style
         self.elastic = elastic
         self.layer_slot = layer_slot  # 1-based decoder layer: the M-MoE layer-level stream
+        # The final EMoE pool size; a training forward uses `elastic.k_ideal_at(draws.step)`.
         self.k_ideal = elastic.resolved_k_ideal(style.topk)
         self.mmoe_budgets = elastic.mmoe_budgets(style.topk)
         self.mmoe_weights = elastic.mmoe_weights(style.topk)
@@ -52,7 +53,7 @@ class ElasticSelection:
                     budgets = self._top_p_budgets(logits, chosen, eval_budget.p)
                 else:
                     chosen = routing.topk_indices(scores, eval_budget or self.style.topk)
-            elif self.elastic.mode == "topk":  # Megatron's own top-k: no random draw
+            elif self.elastic.routes_topk_at(self.draws.step):  # top-k (phase): no random draw
                 chosen = routing.topk_indices(scores, self.style.topk)
             else:
                 chosen, budgets = self._training_choice(scores, data_rank)
@@ -73,7 +74,8 @@ class ElasticSelection:
         key, microbatch = self.draws.next_key()
         generator = self.draws.generator(key, data_rank, scores.device)
         if self.elastic.mode == "emoe":
-            return routing.sample_coactivation(scores, self.style.topk, self.k_ideal, generator), None
+            k_ideal = self.elastic.k_ideal_at(self.draws.step, self.style.topk)
+            return routing.sample_coactivation(scores, self.style.topk, k_ideal, generator), None
         if self.elastic.mmoe_sample_level == "token":
             budgets = routing.sample_token_budgets(
                 self.mmoe_budgets, scores.shape[0], scores.device, generator, self.mmoe_weights
