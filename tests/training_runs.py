@@ -23,7 +23,7 @@ def environment() -> dict[str, str]:
 
 
 def training_command(flags: list[str], nproc: int = 2) -> list[str]:
-    """torchrun (standalone, local) over the entry, or the entry alone for one process."""
+    """torchrun (standalone, local) over the entry."""
     return launch.training_command(flags, nproc)
 
 

@@ -52,10 +52,8 @@ def launch_environment(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def training_command(argv: Sequence[str], nproc: int = 1) -> list[str]:
-    """The training entry with `argv` on `nproc` local processes: torchrun (standalone rendezvous)
-    for more than one, the entry alone in this interpreter for one."""
-    if nproc == 1:
-        return [sys.executable, "-m", ENTRY_MODULE, *argv]
+    """The training entry with `argv` on `nproc` local processes under torchrun (standalone
+    rendezvous on a free port), which sets the environment torch.distributed starts from."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "--module", ENTRY_MODULE, *argv]
 
