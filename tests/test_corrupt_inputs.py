@@ -26,7 +26,7 @@ from megatron_emoe.cli.search_budget_allocation import main as search_main
 from megatron_emoe.errors import UsageError
 from megatron_emoe.runtime import checkpoints, saved_args
 from megatron_emoe.training import preflight
-from tests.training_runs import REPO, environment, training_command, usage_error
+from tests.training_runs import REPO, environment, entry_command, usage_error
 
 TRACKER = checkpoints.TRACKER
 
@@ -201,7 +201,7 @@ def test_entry_refuses_before_training_and_leaves_the_folder(emoe_checkpoint, co
     ckpt, fragments = corrupt(name)
     before = _mtimes(ckpt)
     flags = _resume_flags(emoe_checkpoint, ckpt if resume else None, ckpt)
-    proc = subprocess.run(training_command(flags, nproc=1), cwd=REPO, env=environment(),
+    proc = subprocess.run(entry_command(flags), cwd=REPO, env=environment(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=200)
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert "iteration        1/" not in proc.stdout

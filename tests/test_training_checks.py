@@ -8,13 +8,14 @@ import os
 import shutil
 import subprocess
 from argparse import Namespace
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from megatron_emoe.runtime import checkpoints
 from megatron_emoe.training import saving
-from tests.training_runs import REPO, TINY_MODEL, environment, training_command
+from tests.training_runs import REPO, TINY_MODEL, environment, entry_command
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,12 +104,18 @@ def _flags(data, *extra):
 def _refused(flags) -> str:
     """Run the entry on one process; it must refuse before training: exit status 2 and one line
     on stderr (returned), and Megatron's argument table held back."""
-    proc = subprocess.run(training_command(flags, nproc=1), cwd=REPO, env=environment(),
+    proc = subprocess.run(entry_command(flags), cwd=REPO, env=environment(),
                           capture_output=True, text=True, timeout=200)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "iteration        1/" not in proc.stdout and "arguments" not in proc.stdout
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("emoe-pretrain: error: "), proc.stderr
     return proc.stderr
+
+
+def _refused_all(*flag_lists) -> list[str]:
+    """`_refused` for each flag list, two processes at a time (each mostly imports Megatron)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(_refused, flag_lists))
 
 
 @pytest.mark.slow
@@ -150,30 +157,33 @@ def test_resume_must_match_router_mode_experts_and_schedule(emoe_checkpoint, tmp
     shutil.copytree(emoe_checkpoint.path, ckpt)  # trained for 4 steps with EMoE, k_ideal 3
     before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
     resume = ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1000", "--train-iters", "4"]
-    out = _refused(_flags(data, "--moe-router-mode", "topk", *resume))
-    assert "--moe-router-mode topk does not match" in out and "--moe-router-mode emoe" in out
     flags = _flags(data, "--moe-router-mode", "emoe", "--emoe-k-ideal", "3", *resume)
-    out = _refused([*flags, "--num-experts", "8"])
-    assert "--num-experts 8 does not match" in out and "--num-experts 4" in out
-    # Megatron's scheduler would assert only while loading, after the model is built.
-    out = _refused([*flags, "--train-iters", "6"])
-    assert "--train-iters 6 does not match" in out and "(--train-iters 4)" in out
-    assert "--override-opt-param-scheduler" in out
-    out = _refused([*flags, "--lr", "0.5"])
-    assert "--lr 0.5 does not match" in out
-    # Writing into a folder whose checkpoint this run would not resume from needs consent.
-    out = _refused(_flags(data, "--moe-router-mode", "emoe", "--save", str(ckpt), "--save-interval", "1000"))
-    assert "--allow-overwrite-save" in out
     # --coactivation-dir follows --save's rule: another run's matrices are not written over
     # unasked, and a resumed run reads the ones it continues up front.
     matrices = tmp_path / "coactivation"
     matrices.mkdir()
     (matrices / "train.npz").write_bytes(b"not an npz")
-    out = _refused(_flags(data, "--save", str(tmp_path / "new"), "--save-interval", "1000",
-                          "--coactivation-dir", str(matrices)))
-    assert "--coactivation-dir" in out and "train.npz" in out and "--allow-overwrite-save" in out
-    out = _refused([*flags, "--coactivation-dir", str(matrices)])
-    assert "train.npz" in out and "--allow-overwrite-save" not in out
+    mode, experts, iters, lr, overwrite, other_matrices, own_matrices = _refused_all(
+        _flags(data, "--moe-router-mode", "topk", *resume),
+        [*flags, "--num-experts", "8"],
+        # Megatron's scheduler would assert only while loading, after the model is built.
+        [*flags, "--train-iters", "6"],
+        [*flags, "--lr", "0.5"],
+        # Writing into a folder whose checkpoint this run would not resume from needs consent.
+        _flags(data, "--moe-router-mode", "emoe", "--save", str(ckpt), "--save-interval", "1000"),
+        _flags(data, "--save", str(tmp_path / "new"), "--save-interval", "1000",
+               "--coactivation-dir", str(matrices)),
+        [*flags, "--coactivation-dir", str(matrices)],
+    )
+    assert "--moe-router-mode topk does not match" in mode and "--moe-router-mode emoe" in mode
+    assert "--num-experts 8 does not match" in experts and "--num-experts 4" in experts
+    assert "--train-iters 6 does not match" in iters and "(--train-iters 4)" in iters
+    assert "--override-opt-param-scheduler" in iters
+    assert "--lr 0.5 does not match" in lr
+    assert "--allow-overwrite-save" in overwrite
+    assert "--coactivation-dir" in other_matrices and "train.npz" in other_matrices
+    assert "--allow-overwrite-save" in other_matrices
+    assert "train.npz" in own_matrices and "--allow-overwrite-save" not in own_matrices
     assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before  # nothing touched
 
 

@@ -27,6 +27,12 @@ def training_command(flags: list[str], nproc: int = 2) -> list[str]:
     return launch.training_command(flags, nproc)
 
 
+def entry_command(flags: list[str]) -> list[str]:
+    """The entry alone, without torchrun: enough for input it refuses before torch.distributed
+    starts, and its stderr is the entry's own."""
+    return [sys.executable, "-m", launch.ENTRY_MODULE, *flags]
+
+
 def run_training(flags: list[str], log: Path, nproc: int = 2, timeout: int = 400):
     """Run the entry to the end; returns (exit code, output). The output is also kept in `log`."""
     proc = subprocess.run(training_command(flags, nproc), cwd=REPO, env=environment(),
