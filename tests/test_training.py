@@ -84,12 +84,19 @@ def _train_then_resume(tmp_path, data, flags):
     return curves, full / "tb"
 
 
+# EMoE with both schedules: Top-k at step 0, then k_ideal 2, 3, 3, 4, 4 over steps 1 ... 5 (ramp
+# of 4 steps from 2 to 4, halves up), so the resume at step 3 lands mid-ramp.
+EMOE_SCHEDULED = ["--emoe-start-iter", "1", "--emoe-k-ideal-start", "2",
+                  "--emoe-k-ideal-ramp-iters", "4"]
+
+
 @pytest.mark.parametrize("mode", ["emoe", "mmoe"])
 def test_mode_trains_with_ep2_and_resumes_bitwise(tmp_path, data, mode):
     """EMoE and M-MoE train with EP = 2 and log their metrics; stopped at step 3 and resumed, the
-    run logs exactly the losses of the run never stopped: EMoE sampling, M-MoE budget draws and
-    dropout included (tolerance 0)."""
-    curves, tb = _train_then_resume(tmp_path, data, ROUTER_MODES[mode])
+    run logs exactly the losses of the run never stopped: EMoE sampling and its schedules
+    (Top-k first, a k_ideal ramp), M-MoE budget draws and dropout included (tolerance 0)."""
+    flags = ROUTER_MODES[mode] + (EMOE_SCHEDULED if mode == "emoe" else [])
+    curves, tb = _train_then_resume(tmp_path, data, flags)
     check_training_metrics(tb, mode, [1, 2, 3, 4, 5, 6])
     for name, (full, resumed) in curves.items():
         full, resumed = dict(full), dict(resumed)
