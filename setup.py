@@ -51,6 +51,7 @@ setup(
         # Hugging Face fine-tuning through DeepSpeed (megatron_emoe.hf_finetune, DeepSpeed-MoE in
         # megatron_emoe.hf); install with DS_BUILD_OPS=0 on CPU machines (the Makefile does).
         "deepspeed": ["deepspeed==0.19.8"],
-        "dev": ["pytest>=8", "pytest-timeout", "lm_eval==0.4.13", "deepspeed==0.19.8"],
+        # scipy: the benchmarks' seed statistics (t intervals, rank correlation) and test statistics
+        "dev": ["pytest>=8", "pytest-timeout", "scipy", "lm_eval==0.4.13", "deepspeed==0.19.8"],
     },
 )

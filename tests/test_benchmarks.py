@@ -91,60 +91,85 @@ def test_train_step_quick(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(900)
 def test_scaling_wall_quick(tmp_path):
-    """python -m benchmarks.scaling_wall --quick end to end: bad flags are refused before anything runs;
-    then both settings (a: pretraining, b: fine-tuning the Top-k checkpoint) with every mode train
-    through the real entry (2 gloo processes) and are evaluated at k' = 1 ... 3k. About 3 min on
-    2 idle CPU cores (10 short torchrun jobs)."""
-    script = ["-m", "benchmarks.scaling_wall"]
+    """python -m benchmarks.scaling_wall --quick end to end: a bad flag is refused before anything
+    runs; then the grid (four modes x 2 seeds, both settings: 18 runs of the real entry, two at a
+    time) writes one result per run, the summary and four plots, keeping only (a)'s Top-k
+    checkpoints (the bases of (b)); a rerun skips every finished run. About 2 min on 2 idle
+    CPU cores."""
+    script = [sys.executable, "-m", "benchmarks.scaling_wall"]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", GLOO_SOCKET_IFNAME="lo")
     out, work = tmp_path / "out", tmp_path / "work"
     common_flags = ["--quick", "--output", str(out), "--work-dir", str(work)]
-    for bad, flag in ((["--emoe-k-ideal", "1"], "--emoe-k-ideal"),
-                      (["--pretrain-iters", "0"], "--pretrain-iters"),
-                      (["--", "--seed", "7"], "--seed")):
-        result = subprocess.run([sys.executable, *script, *common_flags, *bad], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and flag in result.stderr, (bad, result.stderr[-2000:])
-        assert not work.exists()
+    bad = subprocess.run([*script, *common_flags, "--modes", "topk", "emoe-k9"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--modes" in bad.stderr and "emoe-k9" in bad.stderr, bad.stderr
+    assert not work.exists()
 
-    result = subprocess.run([sys.executable, *script, *common_flags], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=1400)
+    result = subprocess.run([*script, *common_flags], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=800)
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    path, png = out / "scaling_wall.json", out / "scaling_wall.png"
-    assert f"wrote {path}" in result.stdout and f"wrote {png}" in result.stdout
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path = out / "scaling_wall.json"
+    assert f"wrote {path}" in result.stdout
+    for png in ("scaling_wall", "scaling_wall_specialists", "scaling_wall_ablations",
+                "scaling_wall_coactivation"):
+        assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     record = json.loads(path.read_text())
-    assert record["benchmark"] == "scaling_wall" and record["schema"] == 1
+    assert record["benchmark"] == "scaling_wall" and record["schema"] == 2
     assert MACHINE_KEYS <= set(record["machine"]) and "--quick" in record["machine"]["command"]
     settings = record["settings"]
-    k, seed = settings["topk"], settings["seed"]
+    k, seeds = settings["topk"], settings["seeds"]
     budgets = [str(b) for b in range(1, 3 * k + 1)]
-    assert settings["quick"] is True and settings["budgets"] == list(range(1, 3 * k + 1))
-    assert set(settings["mode_flags"]) == {"topk", "emoe", "mmoe"}
-    assert record["init_check"]["identical"] is True
-
+    modes = settings["modes"]
+    assert seeds == [1, 2] and {"topk", "topk-k1", "emoe", "mmoe-layer"} == set(modes)
+    assert record["missing_runs"] == []
+    runs = {(r["setting"], r["mode"], r["seed"]): r for r in record["runs"]}
+    assert len(runs) == 2 * (2 * len(modes) + 1)  # per seed: (a), (b)'s base, (b)
     step_tokens = settings["global_batch_size"] * settings["model"]["seq_length"]
-    expected_modes = {"a": {"topk", "emoe", "mmoe"}, "b": {"base", "topk", "emoe", "mmoe"}}
-    assert set(record["results"]) == set(expected_modes) == set(record["findings"])
-    for setting, block in record["results"].items():
-        modes = block["modes"]
-        assert set(modes) == expected_modes[setting] == set(record["findings"][setting]["modes"])
-        for mode, row in modes.items():
-            assert list(row["val_loss"]) == budgets, (setting, mode)
-            assert all(math.isfinite(v) and v > 0 for v in row["val_loss"].values()), (setting, mode)
-            assert row["seed"] == seed
-            found = record["findings"][setting]["modes"][mode]
-            assert found["best_loss"] == min(row["val_loss"].values())
-            assert row["val_loss"][str(found["best_k"])] == found["best_loss"]
-            assert found["loss_at_3k"] == row["val_loss"][str(3 * k)]
-        trained = {mode: row["tokens_trained"] for mode, row in modes.items() if mode != "base"}
-        iters = settings["pretrain_iters" if setting == "a" else "finetune_iters"]
-        assert set(trained.values()) == {iters * step_tokens}, trained
-    base = record["results"]["b"]["modes"]["base"]
-    assert base["tokens_trained"] == 0
-    assert base["pretrain_tokens"] == record["results"]["a"]["modes"]["topk"]["tokens_trained"]
-    # 3 initial-weight checks, 3 pretraining runs, the base evaluated, 3 fine-tuning runs.
-    assert len(record["runs"]) == 10 and all(r["wall_s"] > 0 for r in record["runs"])
-    assert not list(work.rglob("latest_checkpointed_iteration.txt")), "checkpoints left behind"
+    for (setting, mode, seed), run in runs.items():
+        iters = 0 if mode == "base" else settings["pretrain_iters" if setting == "a" else "finetune_iters"]
+        assert run["tokens_trained"] == iters * step_tokens, (setting, mode, seed)
+        result_file = work / setting / mode / f"seed{seed}" / "result.json"
+        stored = json.loads(result_file.read_text())
+        assert list(stored["val_loss"]) == budgets
+        assert all(math.isfinite(v) and v > 0 for v in stored["val_loss"].values())
+        assert f"--seed {seed}" in stored["command"]
+        if mode != "base":
+            assert stored["coactivation_distance"], (setting, mode, seed)
+    for setting in ("a", "b"):
+        table = record["results"][setting]["modes"]
+        assert set(table) == set(modes) | ({"base"} if setting == "b" else set())
+        for mode, row in table.items():
+            assert row["seeds"] == seeds
+            losses = [[row["per_seed"][str(s)][b] for s in seeds] for b in budgets]
+            for b, values in zip(budgets, losses):
+                assert row["per_budget"][b]["mean"] == pytest.approx(sum(values) / 2)
+            means = {int(b): v["mean"] for b, v in row["per_budget"].items()}
+            assert row["best_k"] == min(means, key=lambda b: (means[b], b))
+            assert row["train_k"] <= row["effective_range"] <= 3 * k
+            diff = row["minus_topk"][str(k)]
+            topk = table["topk"]["per_seed"]
+            assert diff["mean"] == pytest.approx(
+                sum(row["per_seed"][str(s)][str(k)] - topk[str(s)][str(k)] for s in seeds) / 2)
+            assert diff["low"] <= diff["mean"] <= diff["high"]
+        assert set(record["mmoe_vs_specialists"][setting]["mmoe-layer"]) == {"1", str(k)}
+        compute = record["training_compute"][setting]
+        assert set(compute["suite"]) == {"topk", "topk-k1"}
+        elastic = compute["elastic_models"]["mmoe-layer"]
+        assert elastic["expected_k"] == pytest.approx((2 * k + 1) / 2)
+        assert elastic["suite_over_model_flops"] > 1
+        assert record["coactivation"][setting]["emoe"]
+    assert {"emoe-pool3", "mmoe-layer"} & set(record["remedies"])
+    split = settings["sft_split"]
+    assert split["sft_valid"]["loss_tokens"] >= 65536 and split["sft_train"]["loss_tokens"] > 0
+    sources = [{json.loads(line)["source"] for line in (work / "sft_data" / f"{name}.jsonl").open()}
+               for name in ("sft_train", "sft_valid")]
+    assert sources[0] and sources[1] and not sources[0] & sources[1]
+    kept = {p.relative_to(work).parts[:3] for p in work.rglob("latest_checkpointed_iteration.txt")}
+    assert kept == {("a", "topk", f"seed{s}") for s in seeds}, kept
+
+    again = subprocess.run([*script, *common_flags, "--seeds", "1"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "0 to run" in again.stdout and json.loads(path.read_text())["results"] == record["results"]

@@ -71,13 +71,14 @@ class Run:
 
     def finished(self) -> Optional[dict]:
         """The stored result, if this run finished with the same command; None if not run yet.
-        Raises SystemExit when the folder holds a result of other flags."""
+        Raises StaleResult when the folder holds a result of other flags."""
         if not self.result_path.is_file():
             return None
         stored = json.loads(self.result_path.read_text())
         if stored.get("command") != shlex.join(self.command):
-            raise SystemExit(f"{self.result_path} was made with other flags than this run's: "
-                             "choose another --work-dir, or --overwrite to start the grid anew")
+            raise StaleResult(f"--work-dir: {self.result_path} was made with other flags than "
+                              "this run's: choose another --work-dir, or --overwrite to start the "
+                              "grid anew")
         return stored
 
 
@@ -115,7 +116,11 @@ def coactivation_distance(run: Run) -> Optional[dict[str, Optional[float]]]:
 
 
 class RunFailed(Exception):
-    pass
+    """A run exited with an error or wrote no evaluation."""
+
+
+class StaleResult(Exception):
+    """A run folder holds the result of another command."""
 
 
 def execute(run: Run, seq_length: int, say: Callable[[str], None]) -> dict:

@@ -11,6 +11,7 @@ import math
 import statistics
 from typing import Mapping, Optional
 
+from scipy.stats import spearmanr
 from scipy.stats import t as student_t
 
 Losses = Mapping[int, Mapping[int, float]]  # seed -> k' -> loss
@@ -95,3 +96,11 @@ def training_flops_per_token(sizes: Mapping[str, int], k: float, vocab: int) -> 
     per_layer = 8 * h * h + 4 * s * h + 2 * h * sizes["num_experts"] \
         + k * 6 * h * sizes["moe_ffn_hidden_size"]
     return 3 * (sizes["num_layers"] * per_layer + 2 * h * vocab)
+
+
+def rank_correlation(xs: list[float], ys: list[float]) -> Optional[dict]:
+    """Spearman's rank correlation of paired points with its two-sided p-value (None below 3)."""
+    if len(xs) < 3:
+        return None
+    result = spearmanr(xs, ys)
+    return {"spearman": float(result.statistic), "p_value": float(result.pvalue), "points": len(xs)}
