@@ -36,7 +36,7 @@ examples/configs/scaling_wall_{quick,cpu,gpu}.yaml, given to every run as `--con
   tokens, lr 3e-3), (b) 150 steps (0.31M tokens, lr 1e-3); seeds 1, 2, 3. Evaluation: the whole
   pretraining validation split in (a) (75,776 tokens), the whole instruction evaluation split in
   (b) (about 73k response tokens). About 70 min on 2 idle cores.
-- `--quick`: the test's run: a tiny model, a few steps, 2 seeds and five modes.
+- `--quick`: the test's run: a tiny model, a few steps, 2 seeds and three modes.
 - `--gpu`: one node, nproc = the GPUs (EP over all of them), one run at a time, bf16,
   distributed optimizer, Transformer Engine with grouped GEMM when installed; 8 layers, hidden 512,
   64 experts of width 256, k = 4 (k' = 1 ... 12), 64 x 1024 tokens per step, (a) 2000 steps,
@@ -95,7 +95,7 @@ MODEL_KEYS = {
 SCHEDULES = {
     "quick": dict(micro_batch_size=4, global_batch_size=8, pretrain_iters=6, finetune_iters=4,
                   pretrain_lr=3e-3, finetune_lr=1e-3, eval_iters=2, log_interval=1, seeds=[1, 2],
-                  jobs=2, nproc=1, modes=["topk", "topk-k1", "emoe", "mmoe-layer"]),
+                  jobs=2, nproc=1, modes=["topk", "topk-k1", "mmoe-layer"]),
     "cpu": dict(micro_batch_size=8, global_batch_size=16, pretrain_iters=400, finetune_iters=150,
                 pretrain_lr=3e-3, finetune_lr=1e-3, eval_iters=None, log_interval=20,
                 seeds=[1, 2, 3], jobs=2, nproc=1, modes=None),
@@ -178,7 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds to run (default: 1 2 3; 1 2 with --quick)")
     p.add_argument("--modes", nargs="+", default=None,
-                   help="modes to run (default: all; five with --quick); see --list-modes")
+                   help="modes to run (default: all; three with --quick); see --list-modes")
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS),
                    help="settings to run (default: both); (b) also runs (a)'s Top-k of its seed")
     p.add_argument("--list-modes", action="store_true", help="print the modes and exit")

@@ -94,9 +94,9 @@ def test_train_step_quick(tmp_path):
 @pytest.mark.timeout(900)
 def test_scaling_wall_quick(tmp_path):
     """python -m benchmarks.scaling_wall --quick end to end: a bad flag is refused before anything
-    runs; then the grid (four modes x 2 seeds, both settings: 18 runs of the real entry, two at a
+    runs; then the grid (three modes x 2 seeds, both settings: 14 runs of the real entry, two at a
     time) writes one result per run, the summary and four plots, keeping only (a)'s Top-k
-    checkpoints (the bases of (b)); a rerun skips every finished run. About 2 min on 2 idle
+    checkpoints (the bases of (b)); a rerun skips every finished run. About 100 s on 2 idle
     CPU cores."""
     script = [sys.executable, "-m", "benchmarks.scaling_wall"]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", GLOO_SOCKET_IFNAME="lo")
@@ -122,7 +122,7 @@ def test_scaling_wall_quick(tmp_path):
     k, seeds = settings["topk"], settings["seeds"]
     budgets = [str(b) for b in range(1, 3 * k + 1)]
     modes = settings["modes"]
-    assert seeds == [1, 2] and {"topk", "topk-k1", "emoe", "mmoe-layer"} == set(modes)
+    assert seeds == [1, 2] and {"topk", "topk-k1", "mmoe-layer"} == set(modes)
     assert record["missing_runs"] == []
     runs = {(r["setting"], r["mode"], r["seed"]): r for r in record["runs"]}
     assert len(runs) == 2 * (2 * len(modes) + 1)  # per seed: (a), (b)'s base, (b)
@@ -159,8 +159,8 @@ def test_scaling_wall_quick(tmp_path):
         elastic = compute["elastic_models"]["mmoe-layer"]
         assert elastic["expected_k"] == pytest.approx((2 * k + 1) / 2)
         assert elastic["suite_over_model_flops"] > 1
-        assert record["coactivation"][setting]["emoe"]
-    assert {"emoe-pool3", "mmoe-layer"} & set(record["remedies"])
+        assert record["coactivation"][setting]["mmoe-layer"]
+    assert "mmoe-layer" in record["remedies"]
     split = settings["sft_split"]
     assert split["sft_valid"]["loss_tokens"] >= 65536 and split["sft_train"]["loss_tokens"] > 0
     sources = [{json.loads(line)["source"] for line in (work / "sft_data" / f"{name}.jsonl").open()}
