@@ -46,8 +46,6 @@ class ElasticRouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.elastic = elastic
         self.train_topk = config.moe_router_topk
-        # The final EMoE pool size; a training forward uses `elastic.k_ideal_at(draws.step)`.
-        self.k_ideal = elastic.resolved_k_ideal(self.train_topk)
         self.mmoe_budgets = elastic.mmoe_budgets(self.train_topk)
         self.mmoe_weights = elastic.mmoe_weights(self.train_topk)
         # Eval-time budget k' of the whole model (None: the training top-k); see

@@ -28,8 +28,6 @@ class ElasticSelection:
         self.style = style
         self.elastic = elastic
         self.layer_slot = layer_slot  # 1-based decoder layer: the M-MoE layer-level stream
-        # The final EMoE pool size; a training forward uses `elastic.k_ideal_at(draws.step)`.
-        self.k_ideal = elastic.resolved_k_ideal(style.topk)
         self.mmoe_budgets = elastic.mmoe_budgets(style.topk)
         self.mmoe_weights = elastic.mmoe_weights(style.topk)
         self.draws = TrainingDraws(elastic.mmoe_seed, elastic.mmoe_resample_every)
