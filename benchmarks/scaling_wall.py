@@ -62,6 +62,7 @@ import importlib.util
 import json
 import math
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ from benchmarks.wall import plots, report, stats
 from benchmarks.wall.modes import GROUPS, HR_LOSS_COEFF, build_modes, remedy_modes
 from benchmarks.wall.runs import BASE, Run, StaleResult, run_pool
 from benchmarks.wall.sft_split import build_sft_split
-from megatron_emoe.config import ElasticMoEConfig
+from megatron_emoe.config import add_elastic_moe_args, elastic_config_from_args
 from megatron_emoe.data.indexed import sequence_lengths
 from megatron_emoe.files import write_bytes_atomically, write_text_atomically
 from megatron_emoe.runtime import launch
@@ -430,12 +431,11 @@ def plan(args, data, modes: list[str], seeds: list[int], settings: list[str]) ->
         base = args.work_dir / "a" / "topk" / f"seed{seed}"
 
         def add(setting: str, mode: str, kind: str, flags: list[str], after=()) -> None:
+            iterations = 0 if kind == "eval" else (
+                args.pretrain_iters if setting == "a" else args.finetune_iters)
             run = Run(setting, mode, seed, args.work_dir / setting / mode / f"seed{seed}", kind,
-                      args.pretrain_iters if setting == "a" else args.finetune_iters,
-                      after=tuple(after),
+                      iterations, after=tuple(after),
                       keep_checkpoints=args.keep_checkpoints or (setting, mode) == ("a", "topk"))
-            if kind == "eval":
-                run.iterations = 0
             # each run its own index cache: runs in parallel would write the same files
             run.flags = [*flags, *budgets, "--elastic-eval-output", str(run.eval_json),
                          "--data-cache-path", str(run.dir / "data_cache"), *args.extra]
@@ -529,18 +529,14 @@ def mmoe_vs_specialists(args, results: dict) -> dict:
 
 
 def expected_k(mode, k: int) -> float:
-    """The mean experts per token a mode trains with (M-MoE: under its budget distribution)."""
+    """The mean experts per token a mode trains with (M-MoE: under its budget distribution,
+    read from its flags by the project's own flag parser)."""
     if mode.group != "mmoe":
         return float(mode.train_k)
-    flags = dict(zip(mode.flags[::2], mode.flags[1::2]))
-    config = ElasticMoEConfig(
-        mode="mmoe", mmoe_k_min=int(flags["--mmoe-k-min"]), mmoe_k_max=int(flags["--mmoe-k-max"]),
-        mmoe_sample_level=flags["--mmoe-sample-level"],
-        mmoe_k_weighting=flags.get("--mmoe-k-weighting", "uniform"),
-        mmoe_capacity_temperature=(float(flags["--mmoe-capacity-temperature"])
-                                   if "--mmoe-capacity-temperature" in flags else None))
+    parsed, _ = add_elastic_moe_args(argparse.ArgumentParser()).parse_known_args(mode.flags)
+    config = elastic_config_from_args(parsed)
     budgets = config.mmoe_budgets(k)
-    weights = config.mmoe_weights(k) or [1.0 / len(budgets)] * len(budgets)
+    weights = config.mmoe_weights(k) or [1.0] * len(budgets)
     return sum(b * w for b, w in zip(budgets, weights)) / sum(weights)
 
 
@@ -554,7 +550,7 @@ def training_compute(args, results: dict, table: dict) -> dict:
     for setting, block in table.items():
         modes = block["modes"]
         suite = [n for n, row in modes.items() if row["group"] in ("topk", "specialist")]
-        time_of = {n: statistics_mean([r["train_time_s"] for r in results.values()
+        time_of = {n: statistics.fmean([r["train_time_s"] for r in results.values()
                                        if r["setting"] == setting and r["mode"] == n])
                    for n in modes}
         flops_of = {n: stats.training_flops_per_token(sizes, expected_k(args.all_modes[n], args.topk),
@@ -576,10 +572,6 @@ def training_compute(args, results: dict, table: dict) -> dict:
                         "suite_train_time_s": suite_time, "elastic_models": elastic,
                         "vocab_size": vocab}
     return out
-
-
-def statistics_mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
 
 
 def _vocab_size(args) -> int:
@@ -631,8 +623,8 @@ def coactivation_points(args, results: dict, table: dict) -> dict:
                 if any(d is None for d in distances):
                     continue
                 changes = [r["val_loss"][str(budget)] - r["val_loss"][str(k)] for r in runs]
-                points[str(budget)] = {"distance": statistics_mean(distances),
-                                       "loss_change": statistics_mean(changes), "seeds": len(runs)}
+                points[str(budget)] = {"distance": statistics.fmean(distances),
+                                       "loss_change": statistics.fmean(changes), "seeds": len(runs)}
             rows[name] = points
         out[setting] = rows
     return out
@@ -675,25 +667,6 @@ DEFINITIONS = {
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
-def print_tables(summary: dict) -> None:
-    k = summary["settings"]["topk"]
-    for setting, block in summary["results"].items():
-        print(f"\n({setting}) {block['description']}: validation loss, mean ± sd over seeds")
-        budgets = list(next(iter(block["modes"].values()))["per_budget"]) if block["modes"] else []
-        print(f"  {'':40}" + "".join(f"{b:>14}" for b in budgets) + "   best  range")
-        for name, row in block["modes"].items():
-            cells = "".join(f"{v['mean']:8.4f}±{(v['sd'] or 0):.3f}" for v in row["per_budget"].values())
-            print(f"  {row['label'][:40]:40}{cells}   {row['best_k']:>4}  {row['effective_range']:>5}")
-    remedy = summary.get("remedies") or {}
-    if remedy:
-        print(f"\nElastic pretraining (a): loss at k = {k} minus Top-k's (95% interval), range")
-        for name, row in remedy.items():
-            d = row["loss_at_k_minus_topk"]
-            low = "n/a" if d["low"] is None else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
-            print(f"  {row['label'][:50]:50} {d['mean']:+.4f} {low}  range {row['effective_range']}"
-                  + ("  WORKS" if row.get("works") else ""))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list_modes:
@@ -750,7 +723,8 @@ def main(argv=None) -> int:
                  for r in results.values()],
         "total_wall_s_this_call": round(time.time() - start, 1),
     }
-    print_tables(summary)
+    tables = report.markdown(summary)
+    print("\n" + tables)
     if summary["missing_runs"]:
         print(f"\n{len(summary['missing_runs'])} runs of the grid are not done yet: "
               + ", ".join(summary["missing_runs"][:8])
@@ -759,9 +733,8 @@ def main(argv=None) -> int:
     path = args.output / f"{NAME}.json"
     write_text_atomically(str(path), json.dumps(summary, indent=1) + "\n")
     print(f"wrote {path}")
-    tables = args.output / f"{NAME}.md"
-    write_text_atomically(str(tables), report.markdown(summary) + "\n")
-    print(f"wrote {tables}")
+    write_text_atomically(str(args.output / f"{NAME}.md"), tables + "\n")
+    print(f"wrote {args.output / f'{NAME}.md'}")
     for name, draw in plots.FIGURES.items():
         write_bytes_atomically(str(args.output / name), draw(summary))
         print(f"wrote {args.output / name}")

@@ -42,9 +42,10 @@ def build_sft_split(default: dict[str, str], folder: Path, min_loss_tokens: int)
                 "inputs": {name: hashlib.sha256((raw / name).read_bytes()).hexdigest()
                            for name in ("sft_train.jsonl", "sft_valid.jsonl")}}
     done = folder / "manifest.json"
-    if done.is_file() and json.loads(done.read_text())["inputs"] == manifest["inputs"] and \
-            json.loads(done.read_text())["min_loss_tokens"] == min_loss_tokens:
-        return json.loads(done.read_text())["split"]
+    if done.is_file():
+        stored = json.loads(done.read_text())
+        if {key: stored.get(key) for key in manifest} == manifest:
+            return stored["split"]
     folder.mkdir(parents=True, exist_ok=True)
     # Characters per response token of the embedded data, to choose files before tokenizing.
     sidecar = json.loads((Path(default["sft_train"]).parent / "sft_train.json").read_text())
